@@ -1,0 +1,134 @@
+"""`jaxlm train | eval | generate`: argument parsing and the user-error boundary (exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jaxlm.errors import UserError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_clm.yaml"
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, parsed as YAML (repeatable), e.g. --set train.steps=100",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxlm",
+        description="Train, evaluate and sample Transformer language models with JAX/Flax.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train a model (resumes automatically if the run directory holds checkpoints)",
+        description="Train from a YAML config. Re-running with the same run directory resumes "
+        "from its latest checkpoint, data position included.",
+    )
+    train.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"YAML config file (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})",
+    )
+    _add_overrides(train)
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    run_help = "run directory written by `jaxlm train` (holds checkpoints/ and config.yaml)"
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a checkpoint on the validation split",
+        description="Validation loss, perplexity, bits per byte and token accuracy of a "
+        "checkpoint, restored onto whatever devices are present.",
+    )
+    evaluate.add_argument("--run", type=Path, required=True, help=run_help)
+    evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    evaluate.add_argument(
+        "--batches", type=int, default=None, help="evaluate only this many batches (default: all)"
+    )
+    evaluate.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
+    _add_overrides(evaluate)
+
+    generate = commands.add_parser(
+        "generate",
+        help="sample a continuation of a prompt from a causal LM checkpoint",
+        description="Sample text from a trained causal LM.",
+    )
+    generate.add_argument("--run", type=Path, required=True, help=run_help)
+    generate.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    generate.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    generate.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample at most")
+    generate.add_argument(
+        "--temperature", type=float, default=0.8, help="softmax temperature; 0 means greedy"
+    )
+    generate.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest; 0 = all")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from jaxlm.config import load_config
+    from jaxlm.train import train
+
+    path = args.config or DEFAULT_CONFIG
+    if args.config is None and not path.exists():
+        raise UserError(f"default config {path} is missing; pass --config FILE")
+    train(load_config(path, args.overrides), show_progress=not args.no_progress)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from jaxlm.checkpoint import load_run
+    from jaxlm.data import open_split
+    from jaxlm.evaluate import Evaluator
+    from jaxlm.tokenizer import load_tokenizer
+
+    cfg, setup, params, step = load_run(args.run, args.step, args.overrides)
+    split = args.split or cfg.data.eval_split
+    evaluator = Evaluator(setup, open_split(cfg.data, split), load_tokenizer(cfg.data.tokenizer))
+    result = {"run": str(args.run), "step": step, "split": split, **evaluator(params, args.batches)}
+    print(json.dumps(result))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import jax
+
+    from jaxlm.checkpoint import load_run
+    from jaxlm.generate import generate
+    from jaxlm.objectives import is_causal
+    from jaxlm.tokenizer import load_tokenizer
+
+    cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
+    if not is_causal(cfg.objective):
+        raise UserError(f"generate needs a causal LM; {args.run} was trained with {cfg.objective}")
+    text = generate(
+        setup,
+        params,
+        load_tokenizer(cfg.data.tokenizer),
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    print(args.prompt + text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"train": _train, "eval": _eval, "generate": _generate}[args.command](args)
+    except UserError as err:
+        print(f"jaxlm: error: {err}", file=sys.stderr)
+        return 2
+    return 0

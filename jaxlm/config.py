@@ -1,0 +1,289 @@
+"""Typed run configuration: frozen dataclasses <- YAML (safe_load) <- `--set a.b=c` overrides.
+
+Every key is checked against the dataclass field it names, so a typo or a wrongly typed value is a
+one-line `UserError` naming the key, never a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from jaxlm.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 1024
+    max_seq_len: int = 1024
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "python_stdlib"  # python_stdlib | text_files | a prepared TFDS catalog name
+    paths: tuple[str, ...] = ()  # text_files: files or globs
+    split_paragraphs: bool = False  # text_files: one document per blank-line-separated paragraph
+    validation_percent: float = 5.0  # python_stdlib / text_files: share of documents held out
+    text_feature: str = "text"  # TFDS catalog datasets: the feature holding the text
+    train_split: str = "train"
+    eval_split: str = "validation"
+    tokenizer: str = "bytes"
+    seq_len: int = 256
+    cache_dir: str = "~/.cache/jaxlm"
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio at the last step
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    no_decay: tuple[str, ...] = ("scale", "bias", "embedding")  # param names never decayed
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = ""  # "" means runs/<name>
+    steps: int = 1000
+    batch_size: int = 32  # global batch, sequences per step
+    log_every: int = 10
+    eval_every: int = 200  # 0 disables periodic eval
+    eval_batches: int = 16
+
+
+def _default_axes() -> dict[str, int]:
+    return {"data": -1, "fsdp": 1, "tensor": 1}
+
+
+def _default_rules() -> dict[str, tuple[str, ...]]:
+    return {
+        "batch": ("data", "fsdp"),
+        "embed": ("fsdp",),
+        "mlp": ("tensor",),
+        "heads": ("tensor",),
+        "kv": (),
+        "vocab": ("tensor",),
+        "layers": (),
+    }
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    axes: dict[str, int] = field(default_factory=_default_axes)  # -1: the remaining devices
+    rules: dict[str, tuple[str, ...]] = field(default_factory=_default_rules)  # logical -> mesh
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    objective: Literal["clm"] = "clm"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir or f"runs/{self.name}")
+
+
+# ---------------------------------------------------------------- typed conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Returns `value` as type `tp`, or raises UserError naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(
+            f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a plain mapping; unknown keys and wrong types are UserErrors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in hints:
+            raise UserError(f"unknown config key '{prefix}{key}' (valid keys: {', '.join(names)})")
+    return cls(**{k: _convert(v, hints[k], f"{prefix}{k}") for k, v in raw.items()})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain YAML/JSON-ready mapping (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _field_type(path: list[str]) -> Any:
+    """The declared type at a dotted path, or None where the path leaves the dataclasses."""
+    tp: Any = Config
+    for part in path:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Applies `a.b=value` to the raw mapping; the value is parsed as YAML (typed)."""
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"override '{assignment}' must look like section.key=value")
+    path = key.split(".")
+    if _field_type(path) is str:
+        value: Any = text
+    else:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise UserError(f"override '{assignment}': value is not valid YAML ({err})") from None
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override '{assignment}': '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Reads a YAML mapping with safe_load; a missing or malformed file is a UserError."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"invalid YAML in {path}{line}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
+    """Dataclass defaults <- YAML file <- overrides, validated."""
+    raw = read_yaml(path) if path is not None else {}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    cfg = from_dict(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Value checks the types alone cannot express."""
+    positive = {
+        "model.d_model": cfg.model.d_model,
+        "model.n_layers": cfg.model.n_layers,
+        "model.n_heads": cfg.model.n_heads,
+        "model.d_ff": cfg.model.d_ff,
+        "model.max_seq_len": cfg.model.max_seq_len,
+        "data.seq_len": cfg.data.seq_len,
+        "train.steps": cfg.train.steps,
+        "train.batch_size": cfg.train.batch_size,
+        "train.log_every": cfg.train.log_every,
+        "train.eval_batches": cfg.train.eval_batches,
+        "checkpoint.every": cfg.checkpoint.every,
+        "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config key '{key}' must be positive, got {value}")
+    if cfg.model.d_model % cfg.model.n_heads:
+        raise UserError(
+            f"model.d_model ({cfg.model.d_model}) must be divisible by model.n_heads "
+            f"({cfg.model.n_heads})"
+        )
+    if (cfg.model.d_model // cfg.model.n_heads) % 2:
+        raise UserError("model.d_model / model.n_heads must be even (RoPE rotates pairs)")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise UserError(
+            f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len "
+            f"({cfg.model.max_seq_len}); lower data.seq_len or raise model.max_seq_len"
+        )
+    if not 0 <= cfg.data.validation_percent < 100:
+        raise UserError("data.validation_percent must be in [0, 100)")
+    if cfg.train.eval_every < 0:
+        raise UserError("train.eval_every must be >= 0 (0 disables periodic eval)")
+
+
+def save_yaml(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,143 @@
+"""Data: a TFDS data source per split, fed through grain (shuffle, tokenize, pack, objective, batch).
+
+Every dataset is random-access array_record read by `tfds.data_source`; grain iterators are
+checkpointable, so a resumed run continues from the exact example where it stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any, Callable
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging as absl_logging
+
+from jaxlm.config import DataConfig
+from jaxlm.datasets.corpus import CorpusConfig, PythonStdlib, TextFiles
+from jaxlm.errors import UserError
+from jaxlm.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+Example = dict[str, np.ndarray]
+
+
+def _text_files_config(cfg: DataConfig) -> CorpusConfig:
+    if not cfg.paths:
+        raise UserError("data.dataset is text_files but data.paths is empty; list files or globs")
+    for pattern in cfg.paths:
+        if not glob.glob(str(Path(pattern).expanduser()), recursive=True):
+            raise UserError(f"data.paths: no file matches '{pattern}'; fix the path or glob")
+    patterns = tuple(str(Path(p).expanduser().resolve()).lstrip("/") for p in cfg.paths)
+    return TextFiles.make_config(
+        Path("/"),
+        patterns,
+        split_paragraphs=cfg.split_paragraphs,
+        validation_percent=cfg.validation_percent,
+    )
+
+
+def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+    """The builder of a jaxlm corpus, built into the cache on first use."""
+    if cfg.dataset == "python_stdlib":
+        builder_cls, corpus = PythonStdlib, PythonStdlib.make_config(
+            PythonStdlib.default_root(), ("**/*.py",), validation_percent=cfg.validation_percent
+        )
+    else:
+        builder_cls, corpus = TextFiles, _text_files_config(cfg)
+    if not builder_cls.files(corpus):
+        raise UserError(f"data.dataset {cfg.dataset}: the corpus is empty (no files found)")
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    tfds.disable_progress_bar()
+    data_dir = Path(cfg.cache_dir).expanduser()
+    builder = builder_cls(config=corpus, data_dir=str(data_dir), file_format="array_record")
+    if not builder.is_prepared():
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"data.cache_dir {data_dir} is not writable: {err.strerror}") from None
+        builder.download_and_prepare()
+    return builder
+
+
+def open_split(cfg: DataConfig, split: str) -> Any:
+    """Random-access source of one split; missing datasets or splits are UserErrors."""
+    if cfg.dataset in ("python_stdlib", "text_files"):
+        builder = _prepared_builder(cfg)
+        if split not in builder.info.splits:
+            raise UserError(f"dataset {cfg.dataset} has no split '{split}'")
+        source = builder.as_data_source(split)
+        feature = "text"
+    else:
+        try:
+            source = tfds.data_source(cfg.dataset, split=split, download=False)
+        except (tfds.core.registered.DatasetNotFoundError, AssertionError, ValueError) as err:
+            first_line = str(err).strip().splitlines()[0]
+            raise UserError(
+                f"data.dataset '{cfg.dataset}' split '{split}' is not available offline "
+                f"({first_line}); prepare it with tfds first or use python_stdlib / text_files"
+            ) from None
+        feature = cfg.text_feature
+    if len(source) == 0:
+        raise UserError(f"dataset {cfg.dataset} split '{split}' is empty; add more documents")
+    return _FeatureSource(source, feature)
+
+
+class _FeatureSource:
+    """Exposes one text feature of a data source as bytes, the only thing the pipeline needs."""
+
+    def __init__(self, source: Any, feature: str):
+        self.source, self.feature = source, feature
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> bytes:
+        text = self.source[index][self.feature]
+        if isinstance(text, str):
+            return text.encode("utf-8")
+        return bytes(text)
+
+
+def _tokenize_fn(tokenizer: Tokenizer) -> Callable[[bytes], Example]:
+    def tokenize(text: bytes) -> Example:
+        ids = tokenizer.encode(text)
+        return {"tokens": np.concatenate([[BOS_ID], ids, [EOS_ID]]).astype(np.int32)}
+
+    return tokenize
+
+
+def _pad_batch(batch: Example, rows: int) -> Example:
+    """Pads a short final eval batch with all-padding rows (segment 0, weight 0)."""
+    missing = rows - len(batch["inputs"])
+    if missing == 0:
+        return batch
+    return {k: np.concatenate([v, np.full((missing, *v.shape[1:]), PAD_ID, v.dtype)]) for k, v in batch.items()}
+
+
+def make_pipeline(
+    source: Any,
+    tokenizer: Tokenizer,
+    example_fn: Callable[[Example], Example],
+    *,
+    seq_len: int,
+    local_batch: int,
+    seed: int,
+    train: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """This process's shard -> (shuffle per epoch, repeat) -> tokenize -> pack -> objective -> batch.
+
+    Training streams forever with a new shuffle each epoch; evaluation is one ordered pass whose last
+    batch is padded, so every example counts once.
+    """
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if train:
+        ds = ds.seed(seed).shuffle().repeat()
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        ds.map(_tokenize_fn(tokenizer)).to_iter_dataset(), length_struct={"tokens": seq_len}
+    )
+    batched = packed.map(example_fn).batch(local_batch, drop_remainder=train)
+    return batched if train else batched.map(lambda b: _pad_batch(b, local_batch))

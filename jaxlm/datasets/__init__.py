@@ -1,0 +1,1 @@
+"""TFDS builders shipped with jaxlm; each writes array_record that `tfds.data_source` reads."""

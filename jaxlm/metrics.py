@@ -1,0 +1,31 @@
+"""Run metrics: one JSON object per line in <run_dir>/metrics.jsonl, written by process 0 only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    def __init__(self, path: Path, *, enabled: bool, resume_step: int):
+        """Opens the log; records past `resume_step` (written after the checkpoint that is being
+        resumed) are dropped so curves never hold the same step twice."""
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            path.write_text("".join(f"{line}\n" for line in kept))
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        if not self.enabled or not records:
+            return
+        with self.path.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,95 @@
+"""The device mesh and logical-axis rules: the one module that knows mesh axis names.
+
+The model names logical axes on its params; config maps each logical axis to mesh axes; this module
+turns both into NamedShardings for params, optimizer state and batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxlm.config import MeshConfig
+from jaxlm.errors import UserError
+
+BATCH = "batch"  # logical name of the leading axis of every input batch
+
+
+def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
+    """Mesh with the configured named axes; one size may be -1 for 'the remaining devices'."""
+    devices = devices if devices is not None else jax.devices()
+    sizes = dict(cfg.axes)
+    fill = [name for name, size in sizes.items() if size == -1]
+    if len(fill) > 1:
+        raise UserError(f"mesh.axes: only one axis may be -1, got {fill}")
+    for name, size in sizes.items():
+        if size == 0 or size < -1:
+            raise UserError(f"mesh.axes.{name} must be positive or -1, got {size}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if len(devices) % known:
+        raise UserError(
+            f"mesh.axes {sizes} need a multiple of {known} devices but {len(devices)} are present; "
+            "change mesh.axes so their product divides the device count"
+        )
+    if fill:
+        sizes[fill[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise UserError(
+            f"mesh.axes {sizes} use {math.prod(sizes.values())} devices but {len(devices)} are "
+            "present; set one axis to -1 or make the product equal the device count"
+        )
+    return jax.make_mesh(
+        tuple(sizes.values()),
+        tuple(sizes),
+        axis_types=(AxisType.Auto,) * len(sizes),
+        devices=devices,
+    )
+
+
+def axis_rules(cfg: MeshConfig, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
+    """Logical -> mesh rules in the form `nnx.logical_axis_rules` takes."""
+    rules = []
+    for logical, mesh_axes in cfg.rules.items():
+        for axis in mesh_axes:
+            if axis not in mesh.axis_names:
+                raise UserError(
+                    f"mesh.rules.{logical} names mesh axis '{axis}', which is not one of "
+                    f"{list(mesh.axis_names)}"
+                )
+        rules.append((logical, mesh_axes if mesh_axes else None))
+    return tuple(rules)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: tuple) -> Any:
+    """NamedShardings for an (abstract) nnx state whose Variables carry logical axis names."""
+    with nnx.logical_axis_rules(rules):
+        return nnx.get_named_sharding(abstract_state, mesh)
+
+
+def batch_sharding(mesh: Mesh, rules: tuple) -> NamedSharding:
+    """Batch rows split over the mesh axes the 'batch' rule names; the rest replicated."""
+    mesh_axes = dict(rules).get(BATCH)
+    return NamedSharding(mesh, PartitionSpec(mesh_axes))
+
+
+def batch_shards(batch: NamedSharding) -> int:
+    """How many slices the batch rows are split into."""
+    axes = batch.spec[0] if batch.spec else None
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return math.prod(batch.mesh.shape[a] for a in axes)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles this process's rows into global arrays laid out by `sharding`."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()
+    }

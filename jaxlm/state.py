@@ -1,0 +1,128 @@
+"""Train state on a mesh: abstract shapes, shardings, sharded init and the jitted steps.
+
+The state is a plain pytree `{"params": model state, "opt": optimizer state}` of nnx.States, so
+Orbax saves it directly and the jitted step is an ordinary function of (state, batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxlm import sharding
+from jaxlm.config import Config
+from jaxlm.model import Transformer
+from jaxlm.objectives import is_causal, mean_loss, weighted_sums
+from jaxlm.optim import make_optimizer, schedule
+
+State = dict[str, nnx.State]
+Batch = dict[str, jax.Array]
+
+
+def _build(cfg: Config) -> tuple[Transformer, nnx.Optimizer]:
+    model = Transformer(cfg.model, causal=is_causal(cfg.objective), rngs=nnx.Rngs(cfg.seed))
+    optimizer = nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
+    return model, optimizer
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything the steps and the checkpointer need to know about the state's layout."""
+
+    cfg: Config
+    mesh: Mesh
+    rules: tuple
+    model_def: nnx.GraphDef
+    opt_def: nnx.GraphDef
+    abstract: State  # ShapeDtypeStructs carrying the logical-axis metadata
+    shardings: State
+    batch_sharding: NamedSharding
+
+    def abstract_sharded(self, part: str | None = None) -> Any:
+        """Abstract leaves with shardings for this mesh: the target Orbax restores onto."""
+        tree, shards = (self.abstract, self.shardings) if part is None else (
+            self.abstract[part],
+            self.shardings[part],
+        )
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shards
+        )
+
+
+def make_setup(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = sharding.axis_rules(cfg.mesh, mesh)
+    model, optimizer = nnx.eval_shape(lambda: _build(cfg))
+    model_def, params = nnx.split(model)
+    opt_def, opt_state = nnx.split(optimizer)
+    abstract = {"params": params, "opt": opt_state}
+    return Setup(
+        cfg=cfg,
+        mesh=mesh,
+        rules=rules,
+        model_def=model_def,
+        opt_def=opt_def,
+        abstract=abstract,
+        shardings=sharding.state_shardings(abstract, mesh, rules),
+        batch_sharding=sharding.batch_sharding(mesh, rules),
+    )
+
+
+def init_state(setup: Setup) -> State:
+    """Fresh params and optimizer state, created directly in their shards."""
+
+    def init() -> State:
+        model, optimizer = _build(setup.cfg)
+        return {"params": nnx.state(model), "opt": nnx.state(optimizer)}
+
+    return jax.jit(init, out_shardings=setup.shardings)()
+
+
+def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    """One jitted step: forward, backward, optimizer update; the old state is donated."""
+    lr = schedule(setup.cfg.optimizer, setup.cfg.train.steps)
+
+    def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        model = nnx.merge(setup.model_def, state["params"])
+        optimizer = nnx.merge(setup.opt_def, state["opt"])
+
+        def loss_fn(model: Transformer) -> tuple[jax.Array, dict[str, jax.Array]]:
+            logits_BxLxV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+            sums = weighted_sums(logits_BxLxV, batch)
+            return mean_loss(sums), sums
+
+        grads, sums = nnx.grad(loss_fn, has_aux=True)(model)
+        metrics = {**sums, "grad_norm": optax.global_norm(grads), "lr": lr(optimizer.step[...])}
+        optimizer.update(model, grads)
+        return {"params": nnx.state(model), "opt": nnx.state(optimizer)}, metrics
+
+    replicated = sharding.replicated(setup.mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(setup.shardings, setup.batch_sharding),
+        out_shardings=(setup.shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(setup: Setup) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
+    """Jitted forward pass returning summed loss/accuracy/weights (and bytes, for bits per byte)."""
+
+    def eval_step(params: nnx.State, batch: Batch, byte_lengths_V: jax.Array) -> dict:
+        model = nnx.merge(setup.model_def, params)
+        logits_BxLxV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+        sums = weighted_sums(logits_BxLxV, batch)
+        sums["byte_sum"] = (byte_lengths_V[batch["targets"]] * batch["weights"]).sum()
+        return sums
+
+    replicated = sharding.replicated(setup.mesh)
+    return jax.jit(
+        eval_step,
+        in_shardings=(setup.shardings["params"], setup.batch_sharding, replicated),
+        out_shardings=replicated,
+    )
