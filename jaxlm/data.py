@@ -46,8 +46,8 @@ def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
         )
     else:
         builder_cls, corpus = TextFiles, _text_files_config(cfg)
-    if not builder_cls.files(corpus):
-        raise UserError(f"data.dataset {cfg.dataset}: the corpus is empty (no files found)")
+    if not builder_cls.documents(corpus):
+        raise UserError(f"data.dataset {cfg.dataset}: the corpus is empty; point data.paths at text")
     absl_logging.set_verbosity(absl_logging.ERROR)
     tfds.disable_progress_bar()
     data_dir = Path(cfg.cache_dir).expanduser()
@@ -66,7 +66,10 @@ def open_split(cfg: DataConfig, split: str) -> Any:
     if cfg.dataset in ("python_stdlib", "text_files"):
         builder = _prepared_builder(cfg)
         if split not in builder.info.splits:
-            raise UserError(f"dataset {cfg.dataset} has no split '{split}'")
+            raise UserError(
+                f"dataset {cfg.dataset} has no split '{split}' (splits: {list(builder.info.splits)});"
+                " add documents or raise data.validation_percent"
+            )
         source = builder.as_data_source(split)
         feature = "text"
     else:

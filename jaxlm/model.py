@@ -150,8 +150,13 @@ class Transformer(nnx.Module):
             )
 
     def __call__(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array) -> Array:
+        return self.from_embeddings(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL)
+
+    def from_embeddings(
+        self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array
+    ) -> Array:
+        """The network after the token lookup (a seam for gradients w.r.t. input positions)."""
         mask_Bx1xLxL = attention_mask(segment_ids_BxL, self.causal)
-        x_BxLxD = self.embed(tokens_BxL)
         block_def, block_state = nnx.split(self.blocks)
 
         def layer(x_BxLxD: Array, layer_state: nnx.State) -> tuple[Array, None]:

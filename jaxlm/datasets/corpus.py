@@ -56,22 +56,24 @@ class _FileCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(TEXT_FEATURES))
 
-    def _documents(self) -> dict[str, bytes]:
-        cfg = self.builder_config
+    @classmethod
+    def documents(cls, cfg: CorpusConfig) -> dict[str, bytes]:
+        """Non-empty documents by key (relative path, plus #paragraph in paragraph mode)."""
         docs = {}
-        for path in self.files(cfg):
+        for path in cls.files(cfg):
             key, data = str(path.relative_to(cfg.root)), path.read_bytes()
             if not cfg.split_paragraphs:
                 docs[key] = data
                 continue
             paragraphs = [p.strip() for p in _PARAGRAPH_BREAK.split(data)]
-            docs.update({f"{key}#{i}": p for i, p in enumerate(paragraphs) if p})
-        return docs
+            docs.update({f"{key}#{i}": p for i, p in enumerate(paragraphs)})
+        return {key: text for key, text in docs.items() if text}
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
-        docs = self._documents()
+        docs = self.documents(self.builder_config)
         splits = split_by_hash(sorted(docs), self.builder_config.validation_percent)
-        return {name: self._generate_examples(docs, keys) for name, keys in splits.items()}
+        # TFDS cannot write an empty split; a missing one is reported when it is opened.
+        return {name: self._generate_examples(docs, keys) for name, keys in splits.items() if keys}
 
     def _generate_examples(self, docs: dict[str, bytes], keys: list[str]):
         for key in keys:

@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+
+from jaxlm.config import Config, load_config, save_yaml
+from jaxlm.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_base_yaml_documents_exactly_the_defaults():
+    assert load_config(CONFIGS / "base.yaml") == Config()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    load_config(CONFIGS / name)
+
+
+def test_overrides_are_parsed_with_types():
+    cfg = load_config(
+        CONFIGS / "tiny_clm.yaml",
+        [
+            "model.n_layers=3",
+            "optimizer.learning_rate=1e-4",
+            "optimizer.warmup_steps=7",
+            "model.tie_embeddings=false",
+            "name=123",
+            "data.paths=[a.txt, 'b/*.txt']",
+            "mesh.axes.data=2",
+            "mesh.axes.fsdp=4",
+            "model.vocab_size=512",
+        ],
+    )
+    assert cfg.model.n_layers == 3 and cfg.optimizer.learning_rate == 1e-4
+    assert cfg.optimizer.warmup_steps == 7 and cfg.model.tie_embeddings is False
+    assert cfg.name == "123"  # a str field keeps the literal text
+    assert cfg.data.paths == ("a.txt", "b/*.txt")
+    assert cfg.mesh.axes == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert cfg.model.vocab_size == 512
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert load_config(None, ["optimizer.learning_rate=1"]).optimizer.learning_rate == 1.0
+    with pytest.raises(UserError, match="'model.d_model' must be int"):
+        load_config(None, ["model.d_model=1.5"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_layer=3", "unknown config key 'model.n_layer'"),
+        ("modle.n_layers=3", "unknown config key 'modle'"),
+        ("model.n_layers=three", "'model.n_layers' must be int"),
+        ("model.tie_embeddings=1", "'model.tie_embeddings' must be bool"),
+        ("model.mlp=relu", "'model.mlp' must be one of"),
+        ("objective=bert", "'objective' must be one of"),
+        ("data.seq_len=4096", "exceeds model.max_seq_len"),
+        ("model.n_heads=3", "divisible by model.n_heads"),
+        ("train.steps=0", "'train.steps' must be positive"),
+        ("model", "must look like section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_model: [1, 2\n")
+    with pytest.raises(UserError, match="invalid YAML .* line"):
+        load_config(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "tiny_clm.yaml", ["data.paths=[x]"])
+    save_yaml(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg

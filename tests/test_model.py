@@ -1,0 +1,101 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxlm.config import ModelConfig
+from jaxlm.model import Transformer, count_params
+from jaxlm.objectives import weighted_sums
+
+CFG = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64)
+
+
+def _model(causal=True, **overrides):
+    import dataclasses
+
+    return Transformer(dataclasses.replace(CFG, **overrides), causal=causal, rngs=nnx.Rngs(0))
+
+
+def _position_grad(model, x_1xLxD, t):
+    """Gradient of position t's loss w.r.t. every input embedding (jitted: eager is slow)."""
+    graphdef, state = nnx.split(model)
+    loss = lambda x, t: _per_position_loss(nnx.merge(graphdef, state), x, t)
+    return jax.jit(jax.grad(loss))(x_1xLxD, t)[0]
+
+
+def _per_position_loss(model, x_1xLxD, t):
+    length = x_1xLxD.shape[1]
+    segments = jnp.ones((1, length), jnp.int32)
+    positions = jnp.arange(length)[None]
+    logits = model.from_embeddings(x_1xLxD, segments, positions)
+    return -jax.nn.log_softmax(logits[0, t])[7]
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_causal_gradient_is_exactly_zero_after_t(mlp):
+    model = _model(mlp=mlp)
+    x = jax.random.normal(jax.random.key(1), (1, 16, CFG.d_model))
+    for t in (0, 5, 15):
+        grad_LxD = _position_grad(model, x, t)
+        assert np.all(np.asarray(grad_LxD[t + 1 :]) == 0.0)
+        assert np.all(np.abs(np.asarray(grad_LxD[: t + 1])).sum(-1) > 0)
+
+
+def test_bidirectional_model_sees_the_future():
+    model = _model(causal=False)
+    x = jax.random.normal(jax.random.key(1), (1, 16, CFG.d_model))
+    grad_LxD = _position_grad(model, x, 3)
+    assert np.all(np.abs(np.asarray(grad_LxD)).sum(-1) > 0)
+
+
+def _clm_batch(docs, length):
+    """Packs token lists into one row; targets/weights as the CLM transform makes them."""
+    tokens, segments, positions = np.zeros(length, np.int32), np.zeros(length, np.int32), np.zeros(length, np.int32)
+    offset = 0
+    for i, doc in enumerate(docs):
+        tokens[offset : offset + len(doc)] = doc
+        segments[offset : offset + len(doc)] = i + 1
+        positions[offset : offset + len(doc)] = np.arange(len(doc))
+        offset += len(doc)
+    from jaxlm.objectives import clm_example
+
+    ex = clm_example({"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions})
+    return {k: jnp.asarray(v)[None] for k, v in ex.items()}
+
+
+def _loss_sum(model, batch):
+    logits = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    return weighted_sums(logits, batch)
+
+
+def test_packed_documents_do_not_see_each_other():
+    model = _model()
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(4, 50, n) for n in (9, 14, 5)]
+    packed = _loss_sum(model, _clm_batch(docs, 32))
+    alone = [_loss_sum(model, _clm_batch([d], 32)) for d in docs]
+    np.testing.assert_allclose(packed["loss_sum"], sum(a["loss_sum"] for a in alone), rtol=1e-5)
+    assert packed["weight_sum"] == sum(len(d) - 1 for d in docs)
+
+
+def test_params_carry_logical_axes_and_are_stacked():
+    model = _model(tie_embeddings=False)
+    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+    assert specs["embed"]["embedding"].get_value() == P("vocab", "embed")
+    assert specs["lm_head"]["kernel"].get_value() == P("embed", "vocab")
+    assert specs["blocks"]["attn"]["q"]["kernel"].get_value() == P("layers", "embed", "heads", "kv")
+    assert specs["blocks"]["mlp"]["down"]["kernel"].get_value() == P("layers", "mlp", "embed")
+    assert nnx.state(model)["blocks"]["attn"]["q"]["kernel"].shape == (2, 32, 4, 8)
+    leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    assert {name for spec in leaves for name in spec} <= {"embed", "mlp", "heads", "kv", "vocab", "layers"}
+
+
+def test_tied_head_has_fewer_params_and_fp32_logits_in_bf16():
+    tied, untied = _model(), _model(tie_embeddings=False)
+    assert count_params(untied) - count_params(tied) == CFG.vocab_size * CFG.d_model
+    model = _model(compute_dtype="bfloat16")
+    tokens = jnp.ones((2, 8), jnp.int32)
+    logits = model(tokens, tokens, jnp.broadcast_to(jnp.arange(8), (2, 8)))
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 8, CFG.vocab_size)
