@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_overrides(train)
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="end this session at STEP with a checkpoint; rerun to continue (time-sliced jobs)",
+    )
 
     run_help = "run directory written by `jaxlm train` (holds checkpoints/ and config.yaml)"
     evaluate = commands.add_parser(
@@ -84,7 +91,9 @@ def _train(args: argparse.Namespace) -> None:
     path = args.config or DEFAULT_CONFIG
     if args.config is None and not path.exists():
         raise UserError(f"default config {path} is missing; pass --config FILE")
-    train(load_config(path, args.overrides), show_progress=not args.no_progress)
+    train(
+        load_config(path, args.overrides), show_progress=not args.no_progress, stop_at=args.stop_at
+    )
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -59,8 +59,12 @@ def local_batch_size(cfg: Config, setup: Setup) -> int:
     return cfg.train.batch_size // processes
 
 
-def train(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
-    """Trains (or resumes) the run `cfg` describes; returns the final eval metrics."""
+def train(cfg: Config, *, show_progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+    """Trains (or resumes) the run `cfg` describes; returns the last eval metrics.
+
+    `stop_at` ends this session early at that step with a checkpoint (time-sliced jobs); the next
+    `train` of the same run continues exactly where it stopped.
+    """
     # ------------------------------------------------------------ setup
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg = resolve(cfg, tokenizer)
@@ -101,17 +105,18 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
 
     # ------------------------------------------------------------ steps
     total = cfg.train.steps
+    end = min(total, stop_at or total)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     bar = tqdm(total=total, initial=start, unit="step", disable=not (is_main and show_progress))
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     window_start, window_steps = time.perf_counter(), 0
     final_eval: dict[str, Any] = {}
-    for step in range(start + 1, total + 1):
+    for step in range(start + 1, end + 1):
         batch = global_batch(next(train_iter), setup.batch_sharding)
         state, metrics = train_step(state, batch)
         pending.append((step, metrics))
         window_steps += 1
-        last = step == total
+        last = step == end
         if step % cfg.train.log_every == 0 or last:
             # Fetch every step but the one just dispatched, so the device never waits on the host.
             ready, pending = (pending, []) if last else (pending[:-1], pending[-1:])
@@ -123,7 +128,7 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict[str, Any]:
                 records[-1]["tokens_per_s"] = tokens_per_s
                 bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             log.write(records)
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
+        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
             final_eval = evaluator(state["params"], cfg.train.eval_batches)
             log.write([{"step": step, **{f"eval_{k}": v for k, v in final_eval.items()}}])
             bar.write(f"step {step}: eval loss {final_eval['loss']:.4f}, "

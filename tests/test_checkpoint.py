@@ -1,0 +1,55 @@
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm.checkpoint import Checkpointer, load_run
+from jaxlm.data import make_pipeline, open_split
+from jaxlm.errors import UserError
+from jaxlm.objectives import clm_example
+from jaxlm.state import init_state, make_setup
+from jaxlm.tokenizer import ByteTokenizer
+from jaxlm.train import resolve
+
+
+def _iterator(cfg):
+    return iter(make_pipeline(open_split(cfg.data, "train"), ByteTokenizer(), clm_example,
+                              seq_len=cfg.data.seq_len, local_batch=8, seed=0, train=True))
+
+
+def test_round_trip_state_iterator_and_config_onto_another_mesh(tiny_cfg, tmp_path):
+    cfg = resolve(tiny_cfg, ByteTokenizer())
+    setup = make_setup(cfg)
+    state = init_state(setup)
+    it = _iterator(cfg)
+    next(it), next(it)
+    ckpt = Checkpointer(tmp_path / "ckpt", cfg.checkpoint)
+    ckpt.save(2, state, it, cfg)
+    ckpt.wait()
+    expected_batch = next(it)
+
+    small = make_setup(cfg, jax.devices()[:2])  # restore onto 2 devices instead of 8
+    fresh_it = _iterator(cfg)
+    restored = Checkpointer(tmp_path / "ckpt", cfg.checkpoint).restore(2, small, fresh_it)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert b.sharding.mesh.size == 2
+    np.testing.assert_array_equal(next(fresh_it)["inputs"], expected_batch["inputs"])
+    assert ckpt.restore_config_dict(2)["model"]["vocab_size"] == ByteTokenizer.vocab_size
+    ckpt.close()
+
+
+def test_load_run_reports_missing_runs_and_steps(tmp_path, tiny_cfg):
+    with pytest.raises(UserError, match="holds no checkpoints"):
+        load_run(tmp_path / "nothing")
+    cfg = resolve(tiny_cfg, ByteTokenizer())
+    setup = make_setup(cfg)
+    ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint)
+    ckpt.save(1, init_state(setup), _iterator(cfg), cfg)
+    ckpt.close()
+    with pytest.raises(UserError, match="no checkpoint at step 7"):
+        load_run(cfg.run_dir, step=7)
+    loaded_cfg, loaded_setup, params, step = load_run(cfg.run_dir, devices=jax.devices()[:1])
+    assert step == 1 and loaded_setup.mesh.size == 1
+    assert dataclasses.replace(loaded_cfg, mesh=cfg.mesh) == cfg
