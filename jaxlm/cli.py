@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest; 0 = all")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_overrides(generate)
     return parser
 
 

@@ -152,6 +152,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise UserError(
             f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
@@ -162,11 +167,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     """Builds dataclass `cls` from a plain mapping; unknown keys and wrong types are UserErrors."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in hints:
-            raise UserError(f"unknown config key '{prefix}{key}' (valid keys: {', '.join(names)})")
-    return cls(**{k: _convert(v, hints[k], f"{prefix}{k}") for k, v in raw.items()})
+            raise UserError(f"unknown config key '{prefix}{key}' (valid keys: {', '.join(fields)})")
+    values = {}
+    for key, value in raw.items():
+        if typing.get_origin(hints[key]) is dict and isinstance(value, dict):
+            # Mapping fields (mesh axes, rules) update their defaults rather than replace them.
+            value = {**fields[key].default_factory(), **value}
+        values[key] = _convert(value, hints[key], f"{prefix}{key}")
+    return cls(**values)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
