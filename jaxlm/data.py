@@ -133,12 +133,13 @@ def make_pipeline(
 ) -> grain.IterDataset:
     """This process's shard -> (shuffle per epoch, repeat) -> tokenize -> pack -> objective -> batch.
 
-    Training streams forever with a new shuffle each epoch; evaluation is one ordered pass whose last
-    batch is padded, so every example counts once.
+    Training streams forever with a new shuffle each epoch; evaluation is one pass in a fixed
+    shuffled order (so a few eval batches sample many documents) whose last batch is padded, so
+    every example counts once.
     """
-    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = grain.MapDataset.source(source)[process_index::process_count].seed(seed).shuffle()
     if train:
-        ds = ds.seed(seed).shuffle().repeat()
+        ds = ds.repeat()
     packed = grain.experimental.ConcatThenSplitIterDataset(
         ds.map(_tokenize_fn(tokenizer)).to_iter_dataset(), length_struct={"tokens": seq_len}
     )

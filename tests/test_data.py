@@ -106,7 +106,7 @@ def test_processes_read_disjoint_shards_that_cover_the_data(corpus, cache_dir):
     assert count(shards[0], BOS_ID) + count(shards[1], BOS_ID) == count(whole, BOS_ID) == len(source)
 
 
-def test_eval_pass_is_ordered_finite_and_padded(corpus, cache_dir):
+def test_eval_pass_is_deterministic_finite_and_padded(corpus, cache_dir):
     source = open_split(_cfg(corpus, cache_dir), "train")
     first = [b["inputs"] for b in _pipeline(source, train=False, local_batch=3)]
     second = [b["inputs"] for b in _pipeline(source, train=False, local_batch=3)]
