@@ -45,10 +45,8 @@ class Setup:
 
     def abstract_sharded(self, part: str | None = None) -> Any:
         """Abstract leaves with shardings for this mesh: the target Orbax restores onto."""
-        tree, shards = (self.abstract, self.shardings) if part is None else (
-            self.abstract[part],
-            self.shardings[part],
-        )
+        tree = self.abstract if part is None else self.abstract[part]
+        shards = self.shardings if part is None else self.shardings[part]
         return jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shards
         )
@@ -97,7 +95,7 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
             return mean_loss(sums), sums
 
         grads, sums = nnx.grad(loss_fn, has_aux=True)(model)
-        metrics = {**sums, "grad_norm": optax.global_norm(grads), "lr": lr(optimizer.step[...])}
+        metrics = {**sums, "grad_norm": optax.tree.norm(grads), "lr": lr(optimizer.step[...])}
         optimizer.update(model, grads)
         return {"params": nnx.state(model), "opt": nnx.state(optimizer)}, metrics
 
