@@ -74,6 +74,17 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def reload(self) -> None:
+        """Re-reads the directory after checkpoints were moved away."""
+        self._manager.reload()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once a (multi-host) preemption notice arrived."""
+        return self._manager.reached_preemption(step)
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

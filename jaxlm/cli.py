@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from jaxlm.errors import UserError
+from jaxlm.errors import TrainingStopped, UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_clm.yaml"
 
@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_overrides(train)
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume even if the config now differs in keys that change the experiment "
+        "(model, data, seed); without it such a resume is refused",
+    )
     train.add_argument(
         "--stop-at",
         type=int,
@@ -93,7 +99,10 @@ def _train(args: argparse.Namespace) -> None:
     if args.config is None and not path.exists():
         raise UserError(f"default config {path} is missing; pass --config FILE")
     train(
-        load_config(path, args.overrides), show_progress=not args.no_progress, stop_at=args.stop_at
+        load_config(path, args.overrides),
+        show_progress=not args.no_progress,
+        stop_at=args.stop_at,
+        force_resume=args.force_resume,
     )
 
 
@@ -141,4 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"jaxlm: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"jaxlm: stopped: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -69,6 +69,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200  # 0 disables periodic eval
     eval_batches: int = 16
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient
+    max_consecutive_skips: int = 10  # skip: stop anyway after this many non-finite steps in a row
 
 
 def _default_axes() -> dict[str, int]:
@@ -272,6 +274,7 @@ def validate(cfg: Config) -> None:
         "train.batch_size": cfg.train.batch_size,
         "train.log_every": cfg.train.log_every,
         "train.eval_batches": cfg.train.eval_batches,
+        "train.max_consecutive_skips": cfg.train.max_consecutive_skips,
         "checkpoint.every": cfg.checkpoint.every,
         "checkpoint.keep": cfg.checkpoint.keep,
     }

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -82,10 +83,16 @@ def init_state(setup: Setup) -> State:
 
 
 def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
-    """One jitted step: forward, backward, optimizer update; the old state is donated."""
+    """One jitted step: forward, backward, optimizer update; the old state is donated.
+
+    A non-finite loss or gradient is flagged in the metrics; with `train.on_nonfinite: skip` its
+    update is discarded here, on the device, so no host round-trip is needed.
+    """
     lr = schedule(setup.cfg.optimizer, setup.cfg.train.steps)
+    skip_nonfinite = setup.cfg.train.on_nonfinite == "skip"
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        before = jax.tree.map(lambda x: x, state)  # leaves captured before the in-place update
         model = nnx.merge(setup.model_def, state["params"])
         optimizer = nnx.merge(setup.opt_def, state["opt"])
 
@@ -95,9 +102,14 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
             return mean_loss(sums), sums
 
         grads, sums = nnx.grad(loss_fn, has_aux=True)(model)
-        metrics = {**sums, "grad_norm": optax.tree.norm(grads), "lr": lr(optimizer.step[...])}
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(mean_loss(sums)) & jnp.isfinite(grad_norm)
+        metrics = {**sums, "grad_norm": grad_norm, "lr": lr(optimizer.step[...]), "nonfinite": ~finite}
         optimizer.update(model, grads)
-        return {"params": nnx.state(model), "opt": nnx.state(optimizer)}, metrics
+        after = {"params": nnx.state(model), "opt": nnx.state(optimizer)}
+        if skip_nonfinite:
+            after = jax.tree.map(lambda new, old: jnp.where(finite, new, old), after, before)
+        return after, metrics
 
     replicated = sharding.replicated(setup.mesh)
     return jax.jit(

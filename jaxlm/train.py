@@ -15,10 +15,12 @@ from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config
 from jaxlm.data import make_pipeline, open_split
-from jaxlm.errors import UserError
+from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.evaluate import Evaluator
 from jaxlm.metrics import MetricsLog
 from jaxlm.objectives import example_fn
+from jaxlm.preemption import StopRequest
+from jaxlm.resume import restore_newest_readable
 from jaxlm.sharding import batch_shards, global_batch
 from jaxlm.state import Setup, init_state, make_setup, make_train_step
 from jaxlm.tokenizer import Tokenizer, load_tokenizer
@@ -59,11 +61,18 @@ def local_batch_size(cfg: Config, setup: Setup) -> int:
     return cfg.train.batch_size // processes
 
 
-def train(cfg: Config, *, show_progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    *,
+    show_progress: bool = True,
+    stop_at: int | None = None,
+    force_resume: bool = False,
+) -> dict[str, Any]:
     """Trains (or resumes) the run `cfg` describes; returns the last eval metrics.
 
     `stop_at` ends this session early at that step with a checkpoint (time-sliced jobs); the next
-    `train` of the same run continues exactly where it stopped.
+    `train` of the same run continues exactly where it stopped. SIGTERM/SIGINT do the same at the
+    step under way. `force_resume` accepts config changes that would alter the experiment.
     """
     # ------------------------------------------------------------ setup
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -75,29 +84,32 @@ def train(cfg: Config, *, show_progress: bool = True, stop_at: int | None = None
     setup = make_setup(cfg)
     train_source = open_split(cfg.data, cfg.data.train_split)
     evaluator = Evaluator(setup, open_split(cfg.data, cfg.data.eval_split), tokenizer)
-    train_iter = iter(
-        make_pipeline(
-            train_source,
-            tokenizer,
-            example_fn(cfg.objective),
-            seq_len=cfg.data.seq_len,
-            local_batch=local_batch_size(cfg, setup),
-            seed=cfg.seed,
-            train=True,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+    local_batch = local_batch_size(cfg, setup)
+
+    def new_iterator():
+        return iter(
+            make_pipeline(
+                train_source,
+                tokenizer,
+                example_fn(cfg.objective),
+                seq_len=cfg.data.seq_len,
+                local_batch=local_batch,
+                seed=cfg.seed,
+                train=True,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
         )
-    )
 
     # ------------------------------------------------------------ fresh start or resume
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    start = checkpointer.latest_step() or 0
-    if start:
-        state = checkpointer.restore(start, setup, train_iter)
-        if is_main:
-            print(f"resuming from step {start} in {checkpointer.directory}", flush=True)
-    else:
+    start, state, train_iter = restore_newest_readable(
+        checkpointer, setup, new_iterator, run_dir / "quarantine", force_resume
+    )
+    if state is None:
         state = init_state(setup)
+    elif is_main:
+        print(f"resuming from step {start} in {checkpointer.directory}", flush=True)
     if is_main:
         config_lib.save_yaml(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main, resume_step=start)
@@ -106,55 +118,111 @@ def train(cfg: Config, *, show_progress: bool = True, stop_at: int | None = None
     # ------------------------------------------------------------ steps
     total = cfg.train.steps
     end = min(total, stop_at or total)
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     bar = tqdm(total=total, initial=start, unit="step", disable=not (is_main and show_progress))
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-    window_start, window_steps = time.perf_counter(), 0
+    pending = _PendingMetrics(cfg, checkpointer, last_saved=start)
     final_eval: dict[str, Any] = {}
-    for step in range(start + 1, end + 1):
-        batch = global_batch(next(train_iter), setup.batch_sharding)
-        state, metrics = train_step(state, batch)
-        pending.append((step, metrics))
-        window_steps += 1
-        last = step == end
-        if step % cfg.train.log_every == 0 or last:
-            # Fetch every step but the one just dispatched, so the device never waits on the host.
-            ready, pending = (pending, []) if last else (pending[:-1], pending[-1:])
-            records = _step_records(jax.device_get(ready))
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-            window_start, window_steps = time.perf_counter(), 0
-            if records:
-                records[-1]["tokens_per_s"] = tokens_per_s
-                bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            log.write(records)
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
-            final_eval = evaluator(state["params"], cfg.train.eval_batches)
-            log.write([{"step": step, **{f"eval_{k}": v for k, v in final_eval.items()}}])
-            bar.write(f"step {step}: eval loss {final_eval['loss']:.4f}, "
-                      f"bits/byte {final_eval['bits_per_byte']:.4f}")
-            window_start = time.perf_counter()
-        if step % cfg.checkpoint.every == 0 or last:
-            checkpointer.save(step, state, train_iter, cfg)
-        bar.update(1)
-    bar.close()
-    checkpointer.wait()
-    checkpointer.close()
+    try:
+        with StopRequest() as stop:
+            for step in range(start + 1, end + 1):
+                batch = global_batch(next(train_iter), setup.batch_sharding)
+                state, metrics = train_step(state, batch)
+                pending.add(step, metrics)
+                multi_host_stop = jax.process_count() > 1 and checkpointer.reached_preemption(step)
+                interrupted = stop.requested or multi_host_stop
+                save = step % cfg.checkpoint.every == 0 or step == end or interrupted
+                if step % cfg.train.log_every == 0 or save:
+                    # Between saves, leave the step just dispatched on the device: no stall.
+                    records = pending.fetch(keep_newest=not save)
+                    log.write(records)
+                    pending.check_finite(records)
+                    if records:
+                        bar.set_postfix(loss=f"{records[-1]['loss']:.3f}",
+                                        tok_s=f"{pending.tokens_per_s:,.0f}")
+                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
+                    final_eval = evaluator(state["params"], cfg.train.eval_batches)
+                    log.write([{"step": step, **{f"eval_{k}": v for k, v in final_eval.items()}}])
+                    bar.write(f"step {step}: eval loss {final_eval['loss']:.4f}, "
+                              f"bits/byte {final_eval['bits_per_byte']:.4f}")
+                    pending.restart_clock()
+                if save:
+                    _save(checkpointer, step, state, train_iter, cfg)
+                    pending.last_saved = step
+                bar.update(1)
+                if interrupted:
+                    bar.write(f"stopped at step {step} with a checkpoint; run the same command "
+                              "to continue")
+                    break
+    finally:
+        bar.close()
+        checkpointer.close()  # waits for the last async save
     return final_eval
 
 
-def _step_records(ready: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
-    records = []
-    for step, m in ready:
-        weight = max(float(m["weight_sum"]), 1.0)
-        records.append(
-            {
-                "step": step,
-                "loss": float(m["loss_sum"]) / weight,
-                "accuracy": float(m["correct_sum"]) / weight,
-                "tokens": int(m["weight_sum"]),
-                "grad_norm": float(m["grad_norm"]),
-                "lr": float(m["lr"]),
-            }
-        )
-    return records
+def _save(checkpointer: Checkpointer, step: int, state: Any, data_iter: Any, cfg: Config) -> None:
+    try:
+        checkpointer.save(step, state, data_iter, cfg)
+    except OSError as err:
+        raise TrainingStopped(
+            f"writing checkpoint {step} failed ({err}); the run stopped and earlier checkpoints "
+            f"in {checkpointer.directory} are intact"
+        ) from None
+
+
+class _PendingMetrics:
+    """Per-step metrics still on the device, fetched in groups; checks for non-finite steps."""
+
+    def __init__(self, cfg: Config, checkpointer: Checkpointer, last_saved: int):
+        self.cfg, self.checkpointer, self.last_saved = cfg, checkpointer, last_saved
+        self.steps: list[tuple[int, dict[str, jax.Array]]] = []
+        self.nonfinite_streak = 0
+        self.tokens_per_s = 0.0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self._clock, self._clock_steps = time.perf_counter(), 0
+
+    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self.steps.append((step, metrics))
+        self._clock_steps += 1
+
+    def fetch(self, keep_newest: bool) -> list[dict[str, Any]]:
+        ready, self.steps = (self.steps[:-1], self.steps[-1:]) if keep_newest else (self.steps, [])
+        records = [_record(step, m) for step, m in jax.device_get(ready)]
+        elapsed = max(time.perf_counter() - self._clock, 1e-9)
+        tokens = self._clock_steps * self.cfg.train.batch_size * self.cfg.data.seq_len
+        self.tokens_per_s = tokens / elapsed
+        self.restart_clock()
+        if records:
+            records[-1]["tokens_per_s"] = self.tokens_per_s
+        return records
+
+    def check_finite(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self.nonfinite_streak = self.nonfinite_streak + 1 if record["nonfinite"] else 0
+            if not self.nonfinite_streak:
+                continue
+            kept = (f"last good checkpoint: step {self.last_saved} in {self.checkpointer.directory}"
+                    if self.last_saved else "no checkpoint was written")
+            if self.cfg.train.on_nonfinite == "stop":
+                raise TrainingStopped(
+                    f"non-finite loss or gradient at step {record['step']}; {kept}, nothing after "
+                    "it was saved; lower optimizer.learning_rate or set train.on_nonfinite=skip"
+                )
+            if self.nonfinite_streak >= self.cfg.train.max_consecutive_skips:
+                raise TrainingStopped(
+                    f"{self.nonfinite_streak} non-finite steps in a row up to step "
+                    f"{record['step']} (all skipped); {kept}; lower optimizer.learning_rate"
+                )
+
+
+def _record(step: int, m: dict[str, Any]) -> dict[str, Any]:
+    weight = max(float(m["weight_sum"]), 1.0)
+    return {
+        "step": step,
+        "loss": float(m["loss_sum"]) / weight,
+        "accuracy": float(m["correct_sum"]) / weight,
+        "tokens": int(m["weight_sum"]),
+        "grad_norm": float(m["grad_norm"]),
+        "lr": float(m["lr"]),
+        "nonfinite": bool(m["nonfinite"]),
+    }

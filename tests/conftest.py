@@ -9,7 +9,11 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -17,6 +21,7 @@ import pytest  # noqa: E402
 from jaxlm.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: E402
 from jaxlm.config import CheckpointConfig  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 WORDS = "def class return self import from for while if else yield lambda None True".split()
 
 
@@ -76,3 +81,38 @@ def tiny_config(corpus: Path, cache_dir: Path, run_dir: Path, **train) -> Config
 @pytest.fixture
 def tiny_cfg(corpus, cache_dir, tmp_path) -> Config:
     return tiny_config(corpus, cache_dir, tmp_path / "run")
+
+
+def config_file(tmp_path, corpus, cache_dir, **sections):
+    """A tiny-model YAML config on the test corpus; `sections` update its sections."""
+    raw = {
+        "name": "cli",
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 64},
+        "data": {"dataset": "text_files", "paths": [str(corpus / "*.py")], "seq_len": 32,
+                 "validation_percent": 20.0, "cache_dir": str(cache_dir)},
+        "train": {"run_dir": str(tmp_path / "run"), "steps": 8, "batch_size": 8, "log_every": 4,
+                  "eval_every": 0, "eval_batches": 2},
+        "checkpoint": {"every": 4},
+    }
+    for section, values in sections.items():
+        raw[section].update(values)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _cli_env():
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+def jaxlm_cli(*args):
+    """Runs `python -m jaxlm ARGS` to completion, as a user would (2 CPU devices)."""
+    return subprocess.run([sys.executable, "-m", "jaxlm", *map(str, args)], capture_output=True,
+                          text=True, env=_cli_env(), cwd=REPO, timeout=300)
+
+
+def start_jaxlm(log: Path, *args):
+    """Starts `python -m jaxlm ARGS` in the background (for signals and kills), output to `log`."""
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "jaxlm", *map(str, args)], stdout=out,
+                                stderr=subprocess.STDOUT, env=_cli_env(), cwd=REPO)

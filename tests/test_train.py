@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxlm.checkpoint import Checkpointer, load_run
-from jaxlm.errors import UserError
+from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.metrics import read_metrics
 from jaxlm.state import make_setup
 from jaxlm.train import train
@@ -51,3 +51,39 @@ def test_unwritable_run_dir_and_indivisible_batch(tiny_cfg, tmp_path):
     cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, batch_size=6))
     with pytest.raises(UserError, match="train.batch_size \\(6\\) must be divisible by the 8"):
         train(cfg, show_progress=False)
+
+
+def _diverging(tiny_cfg, **train_kw):
+    """Warmup of one step, then a learning rate that overflows the params to inf/NaN."""
+    return dataclasses.replace(
+        tiny_cfg,
+        optimizer=dataclasses.replace(tiny_cfg.optimizer, learning_rate=1e30, warmup_steps=1),
+        train=dataclasses.replace(tiny_cfg.train, steps=10, log_every=1, **train_kw),
+        checkpoint=dataclasses.replace(tiny_cfg.checkpoint, every=1, keep=20),
+    )
+
+
+def _first_nonfinite(run_dir):
+    return min(r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("nonfinite"))
+
+
+def test_nonfinite_stop_names_the_step_and_saves_nothing_after_it(tiny_cfg):
+    cfg = _diverging(tiny_cfg, on_nonfinite="stop")
+    with pytest.raises(TrainingStopped) as stopped:
+        train(cfg, show_progress=False)
+    bad = _first_nonfinite(cfg.run_dir)
+    assert f"at step {bad};" in str(stopped.value)
+    assert f"last good checkpoint: step {bad - 1}" in str(stopped.value)
+    assert max(Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint).all_steps()) == bad - 1
+
+
+def test_nonfinite_skip_keeps_the_params_of_the_last_good_step(tiny_cfg):
+    cfg = _diverging(tiny_cfg, on_nonfinite="skip", max_consecutive_skips=3)
+    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row"):
+        train(cfg, show_progress=False)
+    bad = _first_nonfinite(cfg.run_dir)
+    good = load_run(cfg.run_dir, step=bad - 1)[2]
+    for step in (bad, bad + 1):
+        skipped = load_run(cfg.run_dir, step=step)[2]
+        for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(skipped)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,96 @@
+"""Restarts: after kill -9 (real subprocesses), over unreadable checkpoints, with edited configs."""
+
+import dataclasses
+import random
+import signal
+import time
+
+import pytest
+from conftest import config_file, jaxlm_cli, start_jaxlm
+
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.errors import UserError
+from jaxlm.metrics import read_metrics
+from jaxlm.train import train
+
+KILL_RUN = {"train": {"steps": 24, "log_every": 1}, "checkpoint": {"every": 4, "keep": 10}}
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, "training ended before the kill point"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.01)
+
+
+def _steps_logged(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def _saving(run_dir):
+    ckpt = run_dir / "checkpoints"
+    return ckpt.exists() and any("tmp" in p.name for p in ckpt.iterdir())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus, cache_dir):
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = jaxlm_cli("train", "--config", config_file(tmp, corpus, cache_dir, **KILL_RUN), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    return _losses(tmp / "run")
+
+
+@pytest.mark.parametrize("seed", [0, 1, "during-save"])
+def test_sigkill_then_restart_matches_the_uninterrupted_run_bitwise(seed, reference, tmp_path, corpus, cache_dir):
+    cfg = config_file(tmp_path, corpus, cache_dir, **KILL_RUN)
+    run = tmp_path / "run"
+    proc = start_jaxlm(tmp_path / "killed.log", "train", "--config", cfg, "--no-progress")
+    if seed == "during-save":
+        _wait_for(lambda: _steps_logged(run) >= 5 and _saving(run), proc)
+    else:
+        kill_at = random.Random(seed).randint(2, 20)
+        _wait_for(lambda: _steps_logged(run) >= kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = jaxlm_cli("train", "--config", cfg, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(run) == reference  # every step, compared as exact floats
+
+
+def _truncate(directory):
+    for path in directory.rglob("*"):
+        if path.is_file() and "/d/" in str(path):
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_unreadable_newest_checkpoint_falls_back_with_a_warning(tiny_cfg, capsys):
+    train(tiny_cfg, show_progress=False)  # checkpoints at 3 and 6
+    _truncate(tiny_cfg.run_dir / "checkpoints" / "6")
+    longer = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, steps=9))
+    capsys.readouterr()
+    train(longer, show_progress=False)
+    err = capsys.readouterr().err
+    assert "warning: checkpoint 6 is unreadable" in err and "trying the previous one" in err
+    assert [p.name.split("-")[0] for p in (tiny_cfg.run_dir / "quarantine").iterdir()] == ["6"]
+    assert sorted(_losses(tiny_cfg.run_dir)) == list(range(1, 10))
+    assert Checkpointer(tiny_cfg.run_dir / "checkpoints", tiny_cfg.checkpoint).all_steps()[-1] == 9
+
+
+def test_config_edits_on_resume(tiny_cfg, capsys):
+    train(dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, steps=3)), show_progress=False)
+    wider = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, d_model=48))
+    with pytest.raises(UserError, match=r"model\.d_model: 32 -> 48.*--force-resume"):
+        train(wider, show_progress=False)
+    reseeded = dataclasses.replace(tiny_cfg, seed=7)
+    with pytest.raises(UserError, match=r"seed: 0 -> 7"):
+        train(reseeded, show_progress=False)
+    capsys.readouterr()
+    train(tiny_cfg, show_progress=False)  # steps 3 -> 6: safe
+    assert "config change accepted on resume: train.steps: 3 -> 6" in capsys.readouterr().err
+    assert sorted(_losses(tiny_cfg.run_dir)) == list(range(1, 7))
