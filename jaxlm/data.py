@@ -21,6 +21,9 @@ from jaxlm.errors import UserError
 from jaxlm.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 Example = dict[str, np.ndarray]
+# Documents are read in the calling thread: with one stream per batch row, a prefetch thread pool
+# per stream costs seconds to start and buys nothing on local array_record files.
+_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 def _text_files_config(cfg: DataConfig) -> CorpusConfig:
@@ -111,15 +114,65 @@ def _tokenize_fn(tokenizer: Tokenizer) -> Callable[[bytes], Example]:
     return tokenize
 
 
-def _pad_batch(batch: Example, rows: int) -> Example:
-    """Pads a short final eval batch with all-padding rows (segment 0, weight 0)."""
-    missing = rows - len(batch["inputs"])
-    if missing == 0:
-        return batch
-    return {k: np.concatenate([v, np.full((missing, *v.shape[1:]), PAD_ID, v.dtype)]) for k, v in batch.items()}
+def _packed(
+    docs: grain.MapDataset, tokenizer: Tokenizer, example_fn: Callable, seq_len: int
+) -> grain.IterDataset:
+    return grain.experimental.ConcatThenSplitIterDataset(
+        docs.map(_tokenize_fn(tokenizer)).to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len}
+    ).map(example_fn)
 
 
-def make_pipeline(
+def _stack(rows: tuple[Example, ...]) -> Example:
+    return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+
+def empty_batch(rows: int, seq_len: int) -> Example:
+    """All padding (segment 0, weight 0): counts for nothing."""
+    ints = np.full((rows, seq_len), PAD_ID, np.int32)
+    names = ("inputs", "targets", "segment_ids", "positions")
+    return {**{k: ints for k in names}, "weights": np.zeros((rows, seq_len), np.float32)}
+
+
+def train_pipeline(
+    source: Any,
+    tokenizer: Tokenizer,
+    example_fn: Callable[[Example], Example],
+    *,
+    seq_len: int,
+    global_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Endless batches of this process's rows of the global batch.
+
+    Row r of every global batch comes from its own stream: documents r, r+B, r+2B, ... (B = global
+    batch), reshuffled each epoch, tokenized and packed. A process reads only the documents of its
+    rows, and the global batch is the same whatever the number of processes, so runs on 1 host
+    and on N hosts see identical data.
+    """
+    if len(source) < global_batch:
+        raise UserError(
+            f"the training split has {len(source)} documents, fewer than train.batch_size "
+            f"({global_batch}); add documents (or data.split_paragraphs) or lower the batch size"
+        )
+    local = global_batch // process_count
+    streams = [
+        _packed(
+            grain.MapDataset.source(source)[row::global_batch]
+            .seed((seed * 1_000_003 + row) % 2**32)
+            .shuffle()
+            .repeat(),
+            tokenizer,
+            example_fn,
+            seq_len,
+        )
+        for row in range(process_index * local, (process_index + 1) * local)
+    ]
+    return grain.experimental.ZipIterDataset(streams).map(_stack)
+
+
+def eval_pipeline(
     source: Any,
     tokenizer: Tokenizer,
     example_fn: Callable[[Example], Example],
@@ -127,21 +180,20 @@ def make_pipeline(
     seq_len: int,
     local_batch: int,
     seed: int,
-    train: bool,
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.IterDataset:
-    """This process's shard -> (shuffle per epoch, repeat) -> tokenize -> pack -> objective -> batch.
+    """One pass over this process's documents in a fixed shuffled order (so a few eval batches
+    sample many documents); the last batch is padded, so every document counts once."""
+    docs = grain.MapDataset.source(source)[process_index::process_count].seed(seed).shuffle()
+    batches = _packed(docs, tokenizer, example_fn, seq_len).batch(local_batch)
+    return batches.map(lambda b: _pad_batch(b, local_batch))
 
-    Training streams forever with a new shuffle each epoch; evaluation is one pass in a fixed
-    shuffled order (so a few eval batches sample many documents) whose last batch is padded, so
-    every example counts once.
-    """
-    ds = grain.MapDataset.source(source)[process_index::process_count].seed(seed).shuffle()
-    if train:
-        ds = ds.repeat()
-    packed = grain.experimental.ConcatThenSplitIterDataset(
-        ds.map(_tokenize_fn(tokenizer)).to_iter_dataset(), length_struct={"tokens": seq_len}
-    )
-    batched = packed.map(example_fn).batch(local_batch, drop_remainder=train)
-    return batched if train else batched.map(lambda b: _pad_batch(b, local_batch))
+
+def _pad_batch(batch: Example, rows: int) -> Example:
+    """Pads a short final eval batch with all-padding rows."""
+    missing = rows - len(batch["inputs"])
+    if missing == 0:
+        return batch
+    pad = empty_batch(missing, batch["inputs"].shape[1])
+    return {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}

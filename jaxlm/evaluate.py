@@ -8,8 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from jaxlm.data import make_pipeline
+from jaxlm.data import empty_batch, eval_pipeline
 from jaxlm.objectives import example_fn
 from jaxlm.sharding import batch_shards, global_batch
 from jaxlm.state import Setup, make_eval_step
@@ -28,24 +29,38 @@ class Evaluator:
 
     def __call__(self, params: Any, max_batches: int | None = None) -> dict[str, float]:
         cfg = self.setup.cfg
-        pipeline = make_pipeline(
-            self.source,
-            self.tokenizer,
-            example_fn(cfg.objective),
-            seq_len=cfg.data.seq_len,
-            local_batch=self.global_rows // jax.process_count(),
-            seed=cfg.seed,
-            train=False,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+        local_rows = self.global_rows // jax.process_count()
+        batches = iter(
+            eval_pipeline(
+                self.source,
+                self.tokenizer,
+                example_fn(cfg.objective),
+                seq_len=cfg.data.seq_len,
+                local_batch=local_rows,
+                seed=cfg.seed,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
         )
-        totals = None
-        for i, local in enumerate(pipeline):
-            if max_batches is not None and i >= max_batches:
+        totals, count = None, 0
+        while max_batches is None or count < max_batches:
+            local = next(batches, None)
+            if not _any_process_has_data(local is not None):
                 break
-            sums = self.step(params, global_batch(local, self.setup.batch_sharding), self.byte_lengths_V)
+            if local is None:  # this process is done, others are not: join with padding
+                local = empty_batch(local_rows, cfg.data.seq_len)
+            batch = global_batch(local, self.setup.batch_sharding)
+            sums = self.step(params, batch, self.byte_lengths_V)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            count += 1
         return summarize(jax.device_get(totals))
+
+
+def _any_process_has_data(has_data: bool) -> bool:
+    """Processes hold different amounts of eval data; every one must run the same steps."""
+    if jax.process_count() == 1:
+        return has_data
+    return bool(multihost_utils.process_allgather(np.array(has_data)).any())
 
 
 def _padded(byte_lengths: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config
-from jaxlm.data import make_pipeline, open_split
+from jaxlm.data import open_split, train_pipeline
 from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.evaluate import Evaluator
 from jaxlm.metrics import MetricsLog
@@ -51,14 +51,13 @@ def prepare_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
-def local_batch_size(cfg: Config, setup: Setup) -> int:
+def check_batch_size(cfg: Config, setup: Setup) -> None:
     shards, processes = batch_shards(setup.batch_sharding), jax.process_count()
     if cfg.train.batch_size % shards or cfg.train.batch_size % processes:
         raise UserError(
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by the {shards} batch "
             f"shards of the mesh and the {processes} processes"
         )
-    return cfg.train.batch_size // processes
 
 
 def train(
@@ -84,18 +83,17 @@ def train(
     setup = make_setup(cfg)
     train_source = open_split(cfg.data, cfg.data.train_split)
     evaluator = Evaluator(setup, open_split(cfg.data, cfg.data.eval_split), tokenizer)
-    local_batch = local_batch_size(cfg, setup)
+    check_batch_size(cfg, setup)
 
     def new_iterator():
         return iter(
-            make_pipeline(
+            train_pipeline(
                 train_source,
                 tokenizer,
                 example_fn(cfg.objective),
                 seq_len=cfg.data.seq_len,
-                local_batch=local_batch,
+                global_batch=cfg.train.batch_size,
                 seed=cfg.seed,
-                train=True,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
             )

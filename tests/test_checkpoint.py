@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxlm.checkpoint import Checkpointer, load_run
-from jaxlm.data import make_pipeline, open_split
+from jaxlm.data import open_split, train_pipeline
 from jaxlm.errors import UserError
 from jaxlm.objectives import clm_example
 from jaxlm.state import init_state, make_setup
@@ -14,8 +14,8 @@ from jaxlm.train import resolve
 
 
 def _iterator(cfg):
-    return iter(make_pipeline(open_split(cfg.data, "train"), ByteTokenizer(), clm_example,
-                              seq_len=cfg.data.seq_len, local_batch=8, seed=0, train=True))
+    return iter(train_pipeline(open_split(cfg.data, "train"), ByteTokenizer(), clm_example,
+                               seq_len=cfg.data.seq_len, global_batch=8, seed=0))
 
 
 def test_round_trip_state_iterator_and_config_onto_another_mesh(tiny_cfg, tmp_path):

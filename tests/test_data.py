@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxlm.config import DataConfig
-from jaxlm.data import make_pipeline, open_split
+from jaxlm.data import eval_pipeline, open_split, train_pipeline
 from jaxlm.datasets.corpus import PythonStdlib
 from jaxlm.errors import UserError
 from jaxlm.objectives import clm_example
@@ -75,8 +75,11 @@ def test_missing_path_and_empty_corpus_are_user_errors(tmp_path, cache_dir):
 
 
 def _pipeline(source, train=True, **kw):
-    args = dict(seq_len=32, local_batch=4, seed=0, train=train) | kw
-    return make_pipeline(source, ByteTokenizer(), clm_example, **args)
+    if train:
+        args = dict(seq_len=32, global_batch=4, seed=0) | kw
+        return train_pipeline(source, ByteTokenizer(), clm_example, **args)
+    args = dict(seq_len=32, local_batch=4, seed=0) | kw
+    return eval_pipeline(source, ByteTokenizer(), clm_example, **args)
 
 
 def test_packed_batches_have_segments_positions_and_clm_targets(corpus, cache_dir):
@@ -92,7 +95,7 @@ def test_packed_batches_have_segments_positions_and_clm_targets(corpus, cache_di
     starts = np.flatnonzero(row["positions"] == 0)
     assert np.all(row["inputs"][starts[1:]] == BOS_ID)
     it = iter(_pipeline(source))
-    inputs = np.concatenate([next(it)["inputs"] for _ in range(20)])
+    inputs = np.concatenate([next(it)["inputs"] for _ in range(60)])
     assert (inputs == EOS_ID).sum() >= len(source) // 2
 
 
@@ -132,3 +135,20 @@ def test_epochs_are_reshuffled(corpus, cache_dir):
     order = list(grain.MapDataset.source(source).seed(0).shuffle().repeat()[: 2 * len(source)])
     assert order[: len(source)] != order[len(source) :]
     assert sorted(order[: len(source)]) == sorted(order[len(source) :])
+
+
+def test_global_batch_is_the_same_for_any_number_of_processes(corpus, cache_dir):
+    source = open_split(_cfg(corpus, cache_dir), "train")
+    one = iter(_pipeline(source, global_batch=8))
+    two = [iter(_pipeline(source, global_batch=8, process_index=i, process_count=2)) for i in range(2)]
+    for _ in range(6):
+        whole = next(one)
+        halves = [next(it) for it in two]
+        for key in whole:
+            np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
+
+
+def test_fewer_documents_than_the_batch_is_a_user_error(corpus, cache_dir):
+    source = open_split(_cfg(corpus, cache_dir), "train")
+    with pytest.raises(UserError, match="fewer than train.batch_size"):
+        _pipeline(source, global_batch=len(source) + 1)

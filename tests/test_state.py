@@ -3,7 +3,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxlm.data import make_pipeline, open_split
+from jaxlm.data import open_split, train_pipeline
 from jaxlm.objectives import clm_example
 from jaxlm.sharding import global_batch
 from jaxlm.state import init_state, make_setup, make_train_step
@@ -15,8 +15,8 @@ def _setup_and_batches(cfg, devices=None, n=1):
     cfg = resolve(cfg, ByteTokenizer())
     setup = make_setup(cfg, devices)
     source = open_split(cfg.data, "train")
-    it = iter(make_pipeline(source, ByteTokenizer(), clm_example, seq_len=cfg.data.seq_len,
-                            local_batch=cfg.train.batch_size, seed=0, train=True))
+    it = iter(train_pipeline(source, ByteTokenizer(), clm_example, seq_len=cfg.data.seq_len,
+                             global_batch=cfg.train.batch_size, seed=0))
     return setup, [global_batch(next(it), setup.batch_sharding) for _ in range(n)]
 
 
