@@ -20,7 +20,7 @@ from jaxlm.errors import UserError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
+    vocab_size: int | None = None  # None: the tokenizer's, rounded up to a multiple of 128
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4

@@ -15,8 +15,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.sharding import constrain
 
 Array = jax.Array
+# Activations between blocks: rows split like the batch, features replicated.
+ACTIVATION_AXES = ("batch", None, None)
 
 
 def _dense_init(std: float, names: tuple[str, ...]) -> dict:
@@ -157,11 +160,13 @@ class Transformer(nnx.Module):
     ) -> Array:
         """The network after the token lookup (a seam for gradients w.r.t. input positions)."""
         mask_Bx1xLxL = attention_mask(segment_ids_BxL, self.causal)
+        x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
         block_def, block_state = nnx.split(self.blocks)
 
         def layer(x_BxLxD: Array, layer_state: nnx.State) -> tuple[Array, None]:
             block = nnx.merge(block_def, layer_state)
-            return block(x_BxLxD, positions_BxL, mask_Bx1xLxL), None
+            x_BxLxD = block(x_BxLxD, positions_BxL, mask_Bx1xLxL)
+            return constrain(x_BxLxD, ACTIVATION_AXES), None
 
         x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, block_state)
         x_BxLxD = self.final_norm(x_BxLxD)

@@ -6,8 +6,10 @@ turns both into NamedShardings for params, optimizer state and batches.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -18,6 +20,11 @@ from jaxlm.config import MeshConfig
 from jaxlm.errors import UserError
 
 BATCH = "batch"  # logical name of the leading axis of every input batch
+
+# (mesh, rules) while a step is traced, so the model can constrain activations by logical names.
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
+    "jaxlm_sharding", default=None
+)
 
 
 def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
@@ -93,3 +100,40 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) ->
     return {
         k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()
     }
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: tuple) -> Iterator[None]:
+    """Within this block, `constrain` lays activations out on `mesh` by `rules`."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
+    """Sharding constraint by logical axis names (no-op outside `activation_sharding`)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    mapping = dict(rules)
+    spec = PartitionSpec(*(mapping.get(name) if name else None for name in logical))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def check_divisible(abstract_params: Any, mesh: Mesh, rules: tuple) -> None:
+    """Every sharded param dimension must split evenly over its mesh axes."""
+    mapping = dict(rules)
+    for path, variable in nnx.to_flat_state(abstract_params):
+        logical = variable.get_metadata().get("out_sharding") or ()
+        for dim, name in zip(variable.shape, logical):
+            axes = mapping.get(name) or ()
+            size = math.prod(mesh.shape[a] for a in axes)
+            if dim % size:
+                raise UserError(
+                    f"param {'.'.join(map(str, path))} has a '{name}' dimension of {dim}, not "
+                    f"divisible by mesh axes {list(axes)} (size {size}); change mesh.rules.{name} "
+                    "or mesh.axes, or resize the model"
+                )

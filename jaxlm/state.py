@@ -60,6 +60,7 @@ def make_setup(cfg: Config, devices: list[jax.Device] | None = None) -> Setup:
     model_def, params = nnx.split(model)
     opt_def, opt_state = nnx.split(optimizer)
     abstract = {"params": params, "opt": opt_state}
+    sharding.check_divisible(params, mesh, rules)
     return Setup(
         cfg=cfg,
         mesh=mesh,
@@ -92,6 +93,10 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
     skip_nonfinite = setup.cfg.train.on_nonfinite == "skip"
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        with sharding.activation_sharding(setup.mesh, setup.rules):
+            return _step(state, batch)
+
+    def _step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         before = jax.tree.map(lambda x: x, state)  # leaves captured before the in-place update
         model = nnx.merge(setup.model_def, state["params"])
         optimizer = nnx.merge(setup.opt_def, state["opt"])
@@ -125,7 +130,8 @@ def make_eval_step(setup: Setup) -> Callable[[nnx.State, Batch], dict[str, jax.A
 
     def eval_step(params: nnx.State, batch: Batch, byte_lengths_V: jax.Array) -> dict:
         model = nnx.merge(setup.model_def, params)
-        logits_BxLxV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+        with sharding.activation_sharding(setup.mesh, setup.rules):
+            logits_BxLxV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
         sums = weighted_sums(logits_BxLxV, batch)
         sums["byte_sum"] = (byte_lengths_V[batch["targets"]] * batch["weights"]).sum()
         return sums

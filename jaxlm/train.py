@@ -27,8 +27,12 @@ from jaxlm.tokenizer import Tokenizer, load_tokenizer
 
 
 def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
-    """Fills what the config leaves to the run (vocab size from the tokenizer) and checks it."""
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    """Fills what the config leaves to the run and checks it.
+
+    An unset vocab size is the tokenizer's rounded up to a multiple of 128, so the vocab axis splits
+    over any tensor-parallel size and matmuls stay aligned (the extra ids are never produced).
+    """
+    vocab = cfg.model.vocab_size or -(-tokenizer.vocab_size // 128) * 128
     if vocab < tokenizer.vocab_size:
         raise UserError(
             f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({tokenizer.vocab_size})"

@@ -36,7 +36,7 @@ def test_round_trip_state_iterator_and_config_onto_another_mesh(tiny_cfg, tmp_pa
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert b.sharding.mesh.size == 2
     np.testing.assert_array_equal(next(fresh_it)["inputs"], expected_batch["inputs"])
-    assert ckpt.restore_config_dict(2)["model"]["vocab_size"] == ByteTokenizer.vocab_size
+    assert ckpt.restore_config_dict(2)["model"]["vocab_size"] == 384  # 260 rounded up to a multiple of 128
     ckpt.close()
 
 

@@ -1,9 +1,19 @@
+import dataclasses
+
 import jax
+import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
 
 from jaxlm.config import MeshConfig
+from jaxlm.data import open_split, train_pipeline
 from jaxlm.errors import UserError
-from jaxlm.sharding import axis_rules, batch_shards, batch_sharding, make_mesh
+from jaxlm.objectives import clm_example
+from jaxlm.sharding import axis_rules, batch_shards, batch_sharding, global_batch, make_mesh
+from jaxlm.state import init_state, make_setup, make_train_step
+from jaxlm.tokenizer import ByteTokenizer
+from jaxlm.train import resolve
 
 
 def test_minus_one_takes_the_remaining_devices():
@@ -35,3 +45,70 @@ def test_rule_naming_an_unknown_mesh_axis():
     cfg = MeshConfig(rules={"batch": ("data",), "embed": ("model",)})
     with pytest.raises(UserError, match="mesh.rules.embed names mesh axis 'model'"):
         axis_rules(cfg, make_mesh(cfg))
+
+
+# ---------------------------------------------------------------- the step on every mesh shape
+
+MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)]
+
+
+def _mesh_cfg(tiny_cfg, axes):
+    return dataclasses.replace(
+        tiny_cfg,
+        model=dataclasses.replace(tiny_cfg.model, d_model=64, n_heads=8, d_ff=128),
+        mesh=MeshConfig(axes=dict(zip(("data", "fsdp", "tensor"), axes))),
+    )
+
+
+def _one_step(cfg, devices=None):
+    cfg = resolve(cfg, ByteTokenizer())
+    setup = make_setup(cfg, devices)
+    source = open_split(cfg.data, "train")
+    local = next(iter(train_pipeline(source, ByteTokenizer(), clm_example, seq_len=cfg.data.seq_len,
+                                     global_batch=cfg.train.batch_size, seed=0)))
+    state = init_state(setup)
+    state, metrics = make_train_step(setup)(state, global_batch(local, setup.batch_sharding))
+    return setup, state, metrics
+
+
+@pytest.fixture(scope="module")
+def single_device_step(corpus, cache_dir, tmp_path_factory):
+    from conftest import tiny_config
+
+    cfg = _mesh_cfg(tiny_config(corpus, cache_dir, tmp_path_factory.mktemp("run")), (1, 1, 1))
+    _, state, metrics = _one_step(cfg, jax.devices()[:1])
+    return jax.device_get((state["params"], metrics["loss_sum"]))
+
+
+@pytest.mark.parametrize("axes", MESHES, ids=lambda a: "x".join(map(str, a)))
+def test_one_step_matches_one_device_and_follows_the_rules(axes, tiny_cfg, single_device_step):
+    setup, state, metrics = _one_step(_mesh_cfg(tiny_cfg, axes))
+    params_1, loss_1 = single_device_step
+    np.testing.assert_allclose(jax.device_get(metrics["loss_sum"]), loss_1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(jax.device_get(state["params"]))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    rules = dict(setup.rules)
+    for path, variable in nnx.to_flat_state(state["params"]):
+        logical = variable.get_metadata()["out_sharding"]
+        expected = PartitionSpec(*(rules.get(name) for name in logical))
+        assert variable[...].sharding.spec == expected, path
+
+
+def test_fsdp_puts_an_eighth_of_the_params_on_each_device(tiny_cfg):
+    setup, state, _ = _one_step(_mesh_cfg(tiny_cfg, (1, 8, 1)))
+    leaves = jax.tree.leaves(state["params"])
+    total = sum(x.nbytes for x in leaves)
+    per_device = {}
+    for leaf in leaves:
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    assert len(per_device) == 8
+    # Norm scales have no 'embed'-sized split everywhere; everything else is split 8 ways.
+    assert max(per_device.values()) < total / 8 * 1.1
+
+
+def test_dimension_not_divisible_by_its_axis_names_the_rule(tiny_cfg):
+    cfg = resolve(dataclasses.replace(tiny_cfg, mesh=MeshConfig(axes={"data": 1, "fsdp": 1, "tensor": 8})),
+                  ByteTokenizer())
+    with pytest.raises(UserError, match=r"'heads' dimension of 2, not divisible .* mesh.rules.heads"):
+        make_setup(cfg)
