@@ -7,6 +7,7 @@ checkpointable, so a resumed run continues from the exact example where it stopp
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,13 +33,23 @@ def _text_files_config(cfg: DataConfig) -> CorpusConfig:
     for pattern in cfg.paths:
         if not glob.glob(str(Path(pattern).expanduser()), recursive=True):
             raise UserError(f"data.paths: no file matches '{pattern}'; fix the path or glob")
-    patterns = tuple(str(Path(p).expanduser().resolve()).lstrip("/") for p in cfg.paths)
+    absolute = [Path(p).expanduser().absolute() for p in cfg.paths]
+    # Document keys (and so the train/validation split) are relative to the patterns' common
+    # fixed directory: the same corpus splits the same wherever it lives.
+    root = Path(os.path.commonpath([_fixed_prefix(p) for p in absolute]))
     return TextFiles.make_config(
-        Path("/"),
-        patterns,
+        root,
+        tuple(str(p.relative_to(root)) for p in absolute),
         split_paragraphs=cfg.split_paragraphs,
         validation_percent=cfg.validation_percent,
     )
+
+
+def _fixed_prefix(pattern: Path) -> Path:
+    """The directory part of a glob before its first wildcard."""
+    parts = pattern.parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+    return Path(*parts[: max(fixed, 1)])
 
 
 def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
