@@ -23,6 +23,18 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_distributed(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "multi-process",
+        "Several processes form one job (one per host or GPU). TPU pods, SLURM and the "
+        "JAX_COORDINATOR_ADDRESS/... environment variables are detected; these flags are explicit.",
+    )
+    group.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                       help="address of process 0's coordinator service")
+    group.add_argument("--num-processes", type=int, default=None, help="processes in the job")
+    group.add_argument("--process-id", type=int, default=None, help="this process's index")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxlm",
@@ -43,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"YAML config file (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})",
     )
     _add_overrides(train)
+    _add_distributed(train)
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument(
         "--force-resume",
@@ -72,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
     _add_overrides(evaluate)
+    _add_distributed(evaluate)
 
     generate = commands.add_parser(
         "generate",
@@ -92,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from jaxlm import distributed
     from jaxlm.config import load_config
     from jaxlm.train import train
 
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     path = args.config or DEFAULT_CONFIG
     if args.config is None and not path.exists():
         raise UserError(f"default config {path} is missing; pass --config FILE")
@@ -107,16 +123,21 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    import jax
+
+    from jaxlm import distributed
     from jaxlm.checkpoint import load_run
     from jaxlm.data import open_split
     from jaxlm.evaluate import Evaluator
     from jaxlm.tokenizer import load_tokenizer
 
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     cfg, setup, params, step = load_run(args.run, args.step, args.overrides)
     split = args.split or cfg.data.eval_split
     evaluator = Evaluator(setup, open_split(cfg.data, split), load_tokenizer(cfg.data.tokenizer))
     result = {"run": str(args.run), "step": step, "split": split, **evaluator(params, args.batches)}
-    print(json.dumps(result))
+    if jax.process_index() == 0:
+        print(json.dumps(result))
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ checkpointable, so a resumed run continues from the exact example where it stopp
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 from pathlib import Path
@@ -66,12 +67,18 @@ def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
     tfds.disable_progress_bar()
     data_dir = Path(cfg.cache_dir).expanduser()
     builder = builder_cls(config=corpus, data_dir=str(data_dir), file_format="array_record")
-    if not builder.is_prepared():
-        try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"data.cache_dir {data_dir} is not writable: {err.strerror}") from None
-        builder.download_and_prepare()
+    if builder.is_prepared():
+        return builder
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(data_dir / f".{builder.name}-{corpus.name}.lock", "w")
+    except OSError as err:
+        raise UserError(f"data.cache_dir {data_dir} is not writable: {err.strerror}") from None
+    # Processes sharing a disk build one after the other: the first builds, the rest find it built.
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not builder.is_prepared():
+            builder.download_and_prepare()
     return builder
 
 

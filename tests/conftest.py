@@ -96,6 +96,7 @@ def config_file(tmp_path, corpus, cache_dir, **sections):
     }
     for section, values in sections.items():
         raw[section].update(values)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
