@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed(train)
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compile the train step for the configured mesh without data or training; print "
+        "each param's sharding, the parameter count and per-device memory",
+    )
+    train.add_argument(
         "--force-resume",
         action="store_true",
         help="resume even if the config now differs in keys that change the experiment "
@@ -114,8 +120,16 @@ def _train(args: argparse.Namespace) -> None:
     path = args.config or DEFAULT_CONFIG
     if args.config is None and not path.exists():
         raise UserError(f"default config {path} is missing; pass --config FILE")
+    cfg = load_config(path, args.overrides)
+    if args.dry_run:
+        from jaxlm.dryrun import dry_run
+        from jaxlm.tokenizer import load_tokenizer
+        from jaxlm.train import resolve
+
+        dry_run(resolve(cfg, load_tokenizer(cfg.data.tokenizer)))
+        return
     train(
-        load_config(path, args.overrides),
+        cfg,
         show_progress=not args.no_progress,
         stop_at=args.stop_at,
         force_resume=args.force_resume,

@@ -70,12 +70,14 @@ def train(
     show_progress: bool = True,
     stop_at: int | None = None,
     force_resume: bool = False,
+    devices: list[jax.Device] | None = None,
 ) -> dict[str, Any]:
     """Trains (or resumes) the run `cfg` describes; returns the last eval metrics.
 
     `stop_at` ends this session early at that step with a checkpoint (time-sliced jobs); the next
     `train` of the same run continues exactly where it stopped. SIGTERM/SIGINT do the same at the
     step under way. `force_resume` accepts config changes that would alter the experiment.
+    `devices` (default: all) lets a process train on part of its devices.
     """
     # ------------------------------------------------------------ setup
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -84,7 +86,7 @@ def train(
     run_dir = prepare_run_dir(cfg.run_dir)
     if is_main:
         print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False), flush=True)
-    setup = make_setup(cfg)
+    setup = make_setup(cfg, devices)
     train_source = open_split(cfg.data, cfg.data.train_split)
     evaluator = Evaluator(setup, open_split(cfg.data, cfg.data.eval_split), tokenizer)
     check_batch_size(cfg, setup)

@@ -87,3 +87,28 @@ def test_nonfinite_skip_keeps_the_params_of_the_last_good_step(tiny_cfg):
         skipped = load_run(cfg.run_dir, step=step)[2]
         for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(skipped)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_save_on_one_mesh_resume_on_another_and_evaluate_anywhere(tiny_cfg):
+    def on_mesh(axes, steps):
+        return dataclasses.replace(
+            tiny_cfg,
+            model=dataclasses.replace(tiny_cfg.model, n_heads=2, d_ff=64),
+            mesh=dataclasses.replace(tiny_cfg.mesh, axes=dict(zip(("data", "fsdp", "tensor"), axes))),
+            train=dataclasses.replace(tiny_cfg.train, steps=steps),
+        )
+
+    train(on_mesh((2, 2, 2), 3), show_progress=False)
+    train(on_mesh((4, 1, 1), 6), show_progress=False, devices=jax.devices()[:4])
+    assert sorted(_losses(tiny_cfg.run_dir)) == list(range(1, 7))
+    from jaxlm.data import open_split
+    from jaxlm.evaluate import Evaluator
+    from jaxlm.tokenizer import ByteTokenizer
+
+    results = []
+    for devices in (jax.devices(), jax.devices()[:1]):
+        cfg, setup, params, _ = load_run(tiny_cfg.run_dir, devices=devices)
+        evaluator = Evaluator(setup, open_split(cfg.data, "validation"), ByteTokenizer())
+        results.append(evaluator(params))
+    assert results[0]["tokens"] == results[1]["tokens"]
+    np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-5)

@@ -1,0 +1,72 @@
+"""`jaxlm train --dry-run`: compile the sharded train step without data and report what a job
+would need per device, so a pod job's fit is checked before it is launched."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxlm.config import Config
+from jaxlm.data import empty_batch
+from jaxlm.state import Setup, make_setup, make_train_step
+
+
+def _per_device_bytes(tree: Any) -> int:
+    return sum(
+        math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree.leaves(tree)
+    )
+
+
+def _param_table(setup: Setup) -> list[str]:
+    shardings = dict(nnx.to_flat_state(setup.shardings["params"]))
+    lines = []
+    for path, variable in nnx.to_flat_state(setup.abstract["params"]):
+        logical = variable.get_metadata().get("out_sharding")
+        lines.append(
+            f"  {'.'.join(map(str, path)):<36} {str(tuple(variable.shape)):<20} "
+            f"{str(logical):<36} {shardings[path].get_value().spec}"
+        )
+    return lines
+
+
+def dry_run(cfg: Config, devices: list[jax.Device] | None = None) -> dict[str, Any]:
+    """Lowers and compiles one train step for the configured mesh; prints and returns the report."""
+    setup = make_setup(cfg, devices)
+    rows, length = cfg.train.batch_size, cfg.data.seq_len
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
+        for k, v in empty_batch(rows, length).items()
+    }
+    abstract_state = setup.abstract_sharded()
+    compiled = make_train_step(setup).lower(abstract_state, abstract_batch).compile()
+    memory = compiled.memory_analysis()
+    report = {
+        "mesh": dict(setup.mesh.shape),
+        "params": sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract["params"])),
+        "params_bytes_per_device": _per_device_bytes(abstract_state["params"]),
+        "optimizer_bytes_per_device": _per_device_bytes(abstract_state["opt"]),
+        "batch_bytes_per_device": _per_device_bytes(abstract_batch),
+    }
+    if memory is not None:
+        report |= {
+            "compiled_argument_bytes": memory.argument_size_in_bytes,
+            "compiled_output_bytes": memory.output_size_in_bytes,
+            "compiled_alias_bytes": memory.alias_size_in_bytes,
+            "compiled_temp_bytes": memory.temp_size_in_bytes,
+            "compiled_peak_bytes_estimate": memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes,
+        }
+    if jax.process_index() == 0:
+        print(f"  {'param':<36} {'shape':<20} {'logical axes':<36} mesh sharding")
+        print("\n".join(_param_table(setup)))
+        for key, value in report.items():
+            shown = f"{value / 2**20:,.1f} MiB" if key.endswith("bytes") or "bytes_" in key else value
+            print(f"{key}: {shown}")
+    return report

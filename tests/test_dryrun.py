@@ -1,0 +1,24 @@
+import dataclasses
+
+from jaxlm.config import MeshConfig
+from jaxlm.dryrun import dry_run
+from jaxlm.tokenizer import ByteTokenizer
+from jaxlm.train import resolve
+
+
+def test_dry_run_reports_sharded_memory_without_data(tiny_cfg, capsys, tmp_path):
+    # No data is read: the dataset points nowhere.
+    cfg = dataclasses.replace(
+        tiny_cfg,
+        data=dataclasses.replace(tiny_cfg.data, paths=(str(tmp_path / "none/*.txt"),)),
+        mesh=MeshConfig(axes={"data": 1, "fsdp": 8, "tensor": 1}),
+    )
+    fsdp = dry_run(resolve(cfg, ByteTokenizer()))
+    replicated = dry_run(resolve(dataclasses.replace(cfg, mesh=MeshConfig()), ByteTokenizer()))
+    out = capsys.readouterr().out
+    assert "embed.embedding" in out and "P('tensor', 'fsdp')" in out
+    assert fsdp["params"] == replicated["params"] > 0
+    # Every param except the 8 norm/scale vectors' remainders splits 8 ways under fsdp.
+    assert fsdp["params_bytes_per_device"] < replicated["params_bytes_per_device"] / 6
+    assert fsdp["optimizer_bytes_per_device"] < replicated["optimizer_bytes_per_device"] / 6
+    assert fsdp["compiled_temp_bytes"] > 0
