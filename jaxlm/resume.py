@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import jax
+from jax.experimental import multihost_utils
+
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, to_dict
 from jaxlm.errors import UserError
@@ -97,9 +100,12 @@ def restore_newest_readable(
 def _set_aside(
     checkpointer: Checkpointer, step: int, quarantine: Path, err: Exception, log: Callable
 ) -> None:
-    quarantine.mkdir(parents=True, exist_ok=True)
     target = quarantine / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    shutil.move(str(checkpointer.step_dir(step)), target)
+    if jax.process_index() == 0:  # one mover; the others wait for it
+        quarantine.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(checkpointer.step_dir(step)), target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"jaxlm-quarantine-{step}")
     checkpointer.reload()
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     log(f"warning: checkpoint {step} is unreadable ({first_line[:200]}); moved it to {target} "

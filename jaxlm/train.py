@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
 
 def prepare_run_dir(run_dir: Path) -> Path:
     """Creates the run directory and proves it writable before any work is done."""
-    probe = run_dir / ".write-test"
+    probe = run_dir / f".write-test-{jax.process_index()}-{os.getpid()}"  # processes share run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
@@ -125,11 +126,16 @@ def train(
     bar = tqdm(total=total, initial=start, unit="step", disable=not (is_main and show_progress))
     pending = _PendingMetrics(cfg, checkpointer, last_saved=start)
     final_eval: dict[str, Any] = {}
+    # XLA:CPU can deadlock when several multi-device steps with collectives are in flight at once;
+    # CPU gains nothing from running ahead, so there each step is waited for.
+    wait_each_step = jax.default_backend() == "cpu" and setup.mesh.size > 1
     try:
         with StopRequest() as stop:
             for step in range(start + 1, end + 1):
                 batch = global_batch(next(train_iter), setup.batch_sharding)
                 state, metrics = train_step(state, batch)
+                if wait_each_step:
+                    jax.block_until_ready(metrics)
                 pending.add(step, metrics)
                 multi_host_stop = jax.process_count() > 1 and checkpointer.reached_preemption(step)
                 interrupted = stop.requested or multi_host_stop

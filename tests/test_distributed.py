@@ -27,7 +27,12 @@ def _launch(cfg, processes, devices_each):
                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(processes)
     ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise AssertionError("job hung:\n" + "\n".join(p.communicate()[0][-2000:] for p in procs))
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
 
