@@ -97,7 +97,8 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
             return _step(state, batch)
 
     def _step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-        before = jax.tree.map(lambda x: x, state)  # leaves captured before the in-place update
+        # Leaves captured before the in-place update, to fall back to.
+        before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None
         model = nnx.merge(setup.model_def, state["params"])
         optimizer = nnx.merge(setup.opt_def, state["opt"])
 

@@ -23,13 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.cli import DEFAULT_CONFIG
 from jaxlm.config import load_config
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import load_tokenizer
 from jaxlm.train import resolve
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_clm.yaml"
-
 
 def measured_peak_flops(dtype: str, size: int, repeats: int = 5) -> float:
     """Best FLOP/s of a size^3 matmul on one device of the current backend."""
@@ -70,7 +68,8 @@ def main() -> None:
     parser.add_argument("--matmul-size", type=int, default=2048, help="size of the peak matmul")
     args = parser.parse_args()
 
-    cfg = resolve(load_config(args.config, args.overrides), load_tokenizer("bytes"))
+    cfg = load_config(args.config, args.overrides)
+    cfg = resolve(cfg, load_tokenizer(cfg.data.tokenizer))
     setup = make_setup(cfg)
     state = init_state(setup)
     step_fn = make_train_step(setup)
