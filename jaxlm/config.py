@@ -32,6 +32,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    attention: Literal["xla", "cudnn", "splash"] = "xla"  # unsupported here -> xla, one warning
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class DataConfig:
     tokenizer: str = "bytes"
     seq_len: int = 256
     cache_dir: str = "~/.cache/jaxlm"
+    mask_rate: float = 0.15  # mlm: share of non-special tokens selected for prediction
+    whole_word_mask: bool = False  # mlm + sentencepiece: select whole words, not single pieces
+    worker_count: int = 0  # grain worker processes (0: read in the training process)
+    prefetch_batches: int = 2  # batches prepared ahead and placed on device
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,9 @@ class TrainConfig:
     eval_batches: int = 16
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient
     max_consecutive_skips: int = 10  # skip: stop anyway after this many non-finite steps in a row
+    remat: Literal["none", "full", "dots_saveable"] = "none"  # activation recomputation per layer
+    grad_accum_steps: int = 1  # microbatches per step (batch_size must divide by it)
+    pseudo_ppl_examples: int = 16  # mlm eval: validation rows scored by pseudo-perplexity
 
 
 def _default_axes() -> dict[str, int]:
@@ -105,8 +113,9 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "default"
-    objective: Literal["clm"] = "clm"
+    objective: Literal["clm", "mlm"] = "clm"
     seed: int = 0
+    init_from: str = ""  # RUN_DIR[@STEP]: start from that checkpoint's params (fresh optimizer)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -295,6 +304,15 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= cfg.data.validation_percent < 100:
         raise UserError("data.validation_percent must be in [0, 100)")
+    if not 0 < cfg.data.mask_rate < 1:
+        raise UserError(f"data.mask_rate must be in (0, 1), got {cfg.data.mask_rate}")
+    if cfg.data.worker_count < 0 or cfg.data.prefetch_batches < 0:
+        raise UserError("data.worker_count and data.prefetch_batches must be >= 0")
+    if cfg.train.grad_accum_steps <= 0 or cfg.train.batch_size % cfg.train.grad_accum_steps:
+        raise UserError(
+            f"train.batch_size ({cfg.train.batch_size}) must be a positive multiple of "
+            f"train.grad_accum_steps ({cfg.train.grad_accum_steps})"
+        )
     if cfg.train.eval_every < 0:
         raise UserError("train.eval_every must be >= 0 (0 disables periodic eval)")
 
