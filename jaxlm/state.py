@@ -86,11 +86,15 @@ def init_state(setup: Setup) -> State:
 def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
     """One jitted step: forward, backward, optimizer update; the old state is donated.
 
-    A non-finite loss or gradient is flagged in the metrics; with `train.on_nonfinite: skip` its
-    update is discarded here, on the device, so no host round-trip is needed.
+    With `train.grad_accum_steps` A > 1 the global batch runs as A microbatches in a `lax.scan`
+    inside this one step; gradients of the summed loss add up and are divided by the total weight
+    once, so the update equals the single-big-batch one. A non-finite loss or gradient is flagged
+    in the metrics; with `train.on_nonfinite: skip` its update is discarded here, on the device,
+    so no host round-trip is needed.
     """
     lr = schedule(setup.cfg.optimizer, setup.cfg.train.steps)
     skip_nonfinite = setup.cfg.train.on_nonfinite == "skip"
+    accum = setup.cfg.train.grad_accum_steps
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         with sharding.activation_sharding(setup.mesh, setup.rules):
@@ -101,13 +105,8 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
         before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None
         model = nnx.merge(setup.model_def, state["params"])
         optimizer = nnx.merge(setup.opt_def, state["opt"])
-
-        def loss_fn(model: Transformer) -> tuple[jax.Array, dict[str, jax.Array]]:
-            logits_BxLxV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
-            sums = weighted_sums(logits_BxLxV, batch)
-            return mean_loss(sums), sums
-
-        grads, sums = nnx.grad(loss_fn, has_aux=True)(model)
+        grads, sums = _summed_grads(model, batch, accum)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(mean_loss(sums)) & jnp.isfinite(grad_norm)
         metrics = {**sums, "grad_norm": grad_norm, "lr": lr(optimizer.step[...]), "nonfinite": ~finite}
@@ -126,6 +125,49 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
     )
 
 
+def _summed_grads(model: Transformer, batch: Batch, accum: int) -> tuple[nnx.State, dict]:
+    """Gradients of the *summed* weighted loss and the weighted sums, over `accum` microbatches."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_sum(params: nnx.State, micro: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        micro_model = nnx.merge(graphdef, params, rest)
+        logits_BxLxV = micro_model(micro["inputs"], micro["segment_ids"], micro["positions"])
+        sums = weighted_sums(logits_BxLxV, micro)
+        return sums["loss_sum"], sums
+
+    grad_fn = jax.grad(loss_sum, has_aux=True)
+    if accum == 1:
+        return grad_fn(params, batch)
+
+    def accumulate(carry: tuple, micro: Batch) -> tuple[tuple, None]:
+        grads, sums = grad_fn(params, micro)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    shapes = jax.eval_shape(grad_fn, params, _first(batch, accum))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, microbatches(batch, accum))
+    return grads, sums
+
+
+def microbatches(batch: Batch, accum: int) -> Batch:
+    """B rows -> (accum, B/accum) rows: microbatch i takes rows i, i+accum, ... Each device's
+    contiguous block of rows splits into whole microbatch slices, so no data moves."""
+
+    def split(x_BxL: jax.Array) -> jax.Array:
+        x_BaxAxL = x_BxL.reshape(x_BxL.shape[0] // accum, accum, *x_BxL.shape[1:])
+        x_AxBaxL = x_BaxAxL.swapaxes(0, 1)
+        return sharding.constrain(x_AxBaxL, (None, sharding.BATCH) + (None,) * (x_BxL.ndim - 1))
+
+    return jax.tree.map(split, batch)
+
+
+def _first(batch: Batch, accum: int) -> Batch:
+    """Abstract shapes of one microbatch."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((x.shape[0] // accum, *x.shape[1:]), x.dtype), batch
+    )
+
+
 def make_eval_step(setup: Setup) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
     """Jitted forward pass returning summed loss/accuracy/weights (and bytes, for bits per byte)."""
 
@@ -135,6 +177,9 @@ def make_eval_step(setup: Setup) -> Callable[[nnx.State, Batch], dict[str, jax.A
             logits_BxLxV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
         sums = weighted_sums(logits_BxLxV, batch)
         sums["byte_sum"] = (byte_lengths_V[batch["targets"]] * batch["weights"]).sum()
+        # Weighted count of each target id: the majority-token baseline's accuracy.
+        sums["target_counts_V"] = jnp.zeros_like(byte_lengths_V, jnp.float32).at[
+            batch["targets"]].add(batch["weights"])
         return sums
 
     replicated = sharding.replicated(setup.mesh)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import yaml
 from tqdm import tqdm
 
 from jaxlm import config as config_lib
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import RUN_TOKENIZER, Checkpointer, init_params_from
 from jaxlm.config import Config
 from jaxlm.data import open_split, train_pipeline
 from jaxlm.errors import TrainingStopped, UserError
@@ -24,7 +25,7 @@ from jaxlm.preemption import StopRequest
 from jaxlm.resume import restore_newest_readable
 from jaxlm.sharding import batch_shards, global_batch
 from jaxlm.state import Setup, init_state, make_setup, make_train_step
-from jaxlm.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.tokenizer import Tokenizer, load_tokenizer, sentencepiece_path
 
 
 def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
@@ -56,12 +57,31 @@ def prepare_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
+def keep_tokenizer_copy(cfg: Config, run_dir: Path) -> None:
+    """Copies a SentencePiece model into the run so its checkpoints are self-contained; a run
+    resumed with a different model file is refused (its ids would mean other text)."""
+    source = sentencepiece_path(cfg.data.tokenizer)
+    if source is None:
+        return
+    copy = run_dir / RUN_TOKENIZER
+    if not copy.exists():
+        shutil.copyfile(source, copy.with_name(copy.name + ".tmp"))
+        copy.with_name(copy.name + ".tmp").replace(copy)
+    elif copy.read_bytes() != source.read_bytes():
+        raise UserError(
+            f"tokenizer {source} differs from the one this run was trained with ({copy}); "
+            f"set data.tokenizer=sentencepiece:{copy} or use a new train.run_dir"
+        )
+
+
 def check_batch_size(cfg: Config, setup: Setup) -> None:
     shards, processes = batch_shards(setup.batch_sharding), jax.process_count()
-    if cfg.train.batch_size % shards or cfg.train.batch_size % processes:
+    accum = cfg.train.grad_accum_steps
+    if cfg.train.batch_size % (shards * accum) or cfg.train.batch_size % processes:
         raise UserError(
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by the {shards} batch "
-            f"shards of the mesh and the {processes} processes"
+            f"shards of the mesh times train.grad_accum_steps ({accum}) and by the {processes} "
+            "processes; change the batch size or train.grad_accum_steps"
         )
 
 
@@ -88,6 +108,8 @@ def train(
     if is_main:
         print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False), flush=True)
     setup = make_setup(cfg, devices)
+    if is_main:
+        keep_tokenizer_copy(cfg, run_dir)
     train_source = open_split(cfg.data, cfg.data.train_split)
     evaluator = Evaluator(setup, open_split(cfg.data, cfg.data.eval_split), tokenizer)
     check_batch_size(cfg, setup)
@@ -97,7 +119,7 @@ def train(
             train_pipeline(
                 train_source,
                 tokenizer,
-                example_fn(cfg.objective),
+                example_fn(cfg, tokenizer),
                 seq_len=cfg.data.seq_len,
                 global_batch=cfg.train.batch_size,
                 seed=cfg.seed,
@@ -113,6 +135,10 @@ def train(
     )
     if state is None:
         state = init_state(setup)
+        if cfg.init_from:
+            state["params"] = init_params_from(cfg.init_from, setup)
+            if is_main:
+                print(f"initialized params from {cfg.init_from}", flush=True)
     elif is_main:
         print(f"resuming from step {start} in {checkpointer.directory}", flush=True)
     if is_main:

@@ -63,3 +63,48 @@ def test_no_recompilation_after_the_first_step(tiny_cfg):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     assert len(compiles) == before
+
+
+def _synthetic_batch(rows, length, seed=0):
+    """Random tokens; each row keeps a random 5-100 % of its targets, so microbatches weigh
+    differently (a per-microbatch mean would differ from the batch mean)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, 256, (rows, length + 1), dtype=np.int32)
+    keep_B = rng.uniform(0.05, 1.0, (rows, 1))
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "weights": (rng.random((rows, length)) < keep_B).astype(np.float32),
+        "segment_ids": np.ones((rows, length), np.int32),
+        "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+    }
+
+
+def _run_steps(cfg, host_batch, steps):
+    setup = make_setup(resolve(cfg, ByteTokenizer()))
+    batch = jax.device_put(host_batch, setup.batch_sharding)
+    step, state = make_train_step(setup), init_state(setup)
+    history = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        history.append(metrics)
+    return jax.device_get((state["params"], history))
+
+
+def test_grad_accumulation_equals_the_big_batch_step(tiny_cfg):
+    results = []
+    for accum in (1, 4):
+        cfg = dataclasses.replace(
+            tiny_cfg,
+            # eps=1 makes Adam's update ~ lr * grad (not ~ lr * sign(grad)), so params compare grads.
+            optimizer=dataclasses.replace(tiny_cfg.optimizer, warmup_steps=0, eps=1.0, learning_rate=1.0),
+            train=dataclasses.replace(tiny_cfg.train, batch_size=32, grad_accum_steps=accum),
+        )
+        results.append(_run_steps(cfg, _synthetic_batch(32, 32), steps=2))
+    (params_1, history_1), (params_4, history_4) = results
+    for m1, m4 in zip(history_1, history_4):
+        assert m1["weight_sum"] == m4["weight_sum"]
+        for key in ("loss_sum", "correct_sum", "grad_norm"):
+            np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_4)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)

@@ -51,6 +51,9 @@ def test_unwritable_run_dir_and_indivisible_batch(tiny_cfg, tmp_path):
     cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, batch_size=6))
     with pytest.raises(UserError, match="train.batch_size \\(6\\) must be divisible by the 8"):
         train(cfg, show_progress=False)
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, grad_accum_steps=2))
+    with pytest.raises(UserError, match="8 batch shards of the mesh times train.grad_accum_steps"):
+        train(cfg, show_progress=False)
 
 
 def _diverging(tiny_cfg, **train_kw):
