@@ -12,10 +12,14 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from jaxlm.config import CheckpointConfig, Config, apply_override, from_dict, to_dict, validate
 from jaxlm.errors import UserError
 from jaxlm.state import Setup, State, make_setup
+from jaxlm.tokenizer import SENTENCEPIECE_PREFIX, load_tokenizer
+
+RUN_TOKENIZER = "tokenizer.model"  # a run's own copy of its SentencePiece model
 
 
 class Checkpointer:
@@ -92,6 +96,41 @@ class Checkpointer:
         self._manager.close()
 
 
+def _open_run(run_dir: Path, step: int | None) -> tuple[Checkpointer, int]:
+    """A read-only checkpointer on a run and the step to read (default: the latest)."""
+    directory = run_dir / "checkpoints"
+    if not directory.is_dir():
+        raise UserError(f"{run_dir} holds no checkpoints; pass the run_dir of a `jaxlm train` run")
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns that read-only is read-only
+    checkpointer = Checkpointer(directory, CheckpointConfig(), read_only=True)
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise UserError(f"{directory} holds no complete checkpoint yet")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise UserError(f"{run_dir} has no checkpoint at step {step}; it has {sorted(steps)}")
+    return checkpointer, step
+
+
+def _run_config(checkpointer: Checkpointer, run_dir: Path, step: int, overrides: list[str]) -> Config:
+    """The run's saved config, data-parallel on this machine, its tokenizer the run's own copy."""
+    raw = checkpointer.restore_config_dict(step)
+    raw["mesh"]["axes"] = {name: 1 for name in raw["mesh"]["axes"]} | {"data": -1}
+    if (run_dir / RUN_TOKENIZER).exists():
+        raw["data"]["tokenizer"] = f"{SENTENCEPIECE_PREFIX}{run_dir / RUN_TOKENIZER}"
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    cfg = from_dict(Config, raw)
+    validate(cfg)
+    tokenizer_vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+    if tokenizer_vocab > cfg.model.vocab_size:
+        raise UserError(
+            f"tokenizer {cfg.data.tokenizer} has {tokenizer_vocab} ids but the checkpoint in "
+            f"{run_dir} has model.vocab_size {cfg.model.vocab_size}; use the run's own tokenizer"
+        )
+    return cfg
+
+
 def load_run(
     run_dir: Path,
     step: int | None = None,
@@ -103,23 +142,46 @@ def load_run(
     The run's own mesh may not fit here (a pod checkpoint on a laptop), so params are restored
     data-parallel; `overrides` apply on top of the saved config.
     """
-    directory = run_dir / "checkpoints"
-    if not directory.is_dir():
-        raise UserError(f"{run_dir} holds no checkpoints; pass the run_dir of a `jaxlm train` run")
-    checkpointer = Checkpointer(directory, CheckpointConfig(), read_only=True)
-    steps = checkpointer.all_steps()
-    if not steps:
-        raise UserError(f"{directory} holds no complete checkpoint yet")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise UserError(f"{run_dir} has no checkpoint at step {step}; it has {sorted(steps)}")
-    raw = checkpointer.restore_config_dict(step)
-    raw["mesh"]["axes"] = {name: 1 for name in raw["mesh"]["axes"]} | {"data": -1}
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    cfg = from_dict(Config, raw)
-    validate(cfg)
+    checkpointer, step = _open_run(run_dir, step)
+    cfg = _run_config(checkpointer, run_dir, step, overrides)
     setup = make_setup(cfg, devices)
     params = checkpointer.restore_params(step, setup)
     checkpointer.close()
     return cfg, setup, params, step
+
+
+def init_params_from(spec: str, setup: Setup) -> Any:
+    """Params of checkpoint `RUN_DIR[@STEP]` laid out for `setup` (pretrain -> fine-tune).
+
+    Every parameter must exist in both models with the same shape; the first that does not is
+    named in the error.
+    """
+    run_text, _, step_text = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    if step_text and not step_text.isdigit():
+        raise UserError(f"init_from '{spec}' must look like RUN_DIR or RUN_DIR@STEP")
+    run_dir = Path(run_text).expanduser()
+    checkpointer, step = _open_run(run_dir, int(step_text) if step_text else None)
+    source_cfg = _run_config(checkpointer, run_dir, step, [])
+    source = _shapes(make_setup(source_cfg, jax.devices()[:1]).abstract["params"])
+    for name, shape in _shapes(setup.abstract["params"]).items():
+        if name not in source:
+            raise UserError(
+                f"init_from {run_dir}@{step}: parameter '{name}' does not exist there "
+                f"(that run trained objective {source_cfg.objective}); start from a matching run"
+            )
+        if source[name] != shape:
+            raise UserError(
+                f"init_from {run_dir}@{step}: parameter '{name}' has shape {source[name]} there "
+                f"but {shape} here; match the model config (and tokenizer) of that run"
+            )
+    params = checkpointer.restore_params(step, setup)
+    checkpointer.close()
+    return params
+
+
+def _shapes(params: Any) -> dict[str, tuple[int, ...]]:
+    """Dotted parameter path -> shape."""
+    return {
+        ".".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }

@@ -1,4 +1,4 @@
-"""`jaxlm train | eval | generate`: argument parsing and the user-error boundary (exit code 2)."""
+"""`jaxlm train | eval | generate | fill-mask | tokenizer`: argument parsing and the user-error boundary (exit code 2)."""
 
 from __future__ import annotations
 
@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--batches", type=int, default=None, help="evaluate only this many batches (default: all)"
     )
     evaluate.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
+    evaluate.add_argument(
+        "--pseudo-ppl-examples", type=int, default=None, metavar="N",
+        help="mlm runs: rows scored by pseudo-perplexity, each token masked in turn "
+        "(default: train.pseudo_ppl_examples; 0 skips it)",
+    )
     _add_overrides(evaluate)
     _add_distributed(evaluate)
 
@@ -108,6 +113,39 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest; 0 = all")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     _add_overrides(generate)
+
+    fill = commands.add_parser(
+        "fill-mask",
+        help="predict the tokens behind each [MASK] in a text (masked-LM checkpoints)",
+        description="Print the top-k tokens, with probabilities, for each [MASK] in TEXT.",
+    )
+    fill.add_argument("text", help="text with one or more [MASK], e.g. 'def [MASK](self):'")
+    fill.add_argument("--run", type=Path, required=True, help=run_help)
+    fill.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    fill.add_argument("--top-k", type=int, default=5, help="candidates shown per mask")
+    _add_overrides(fill)
+
+    tokenizer = commands.add_parser(
+        "tokenizer",
+        help="train a SentencePiece tokenizer on a config's training split",
+        description="Tokenizer tools.",
+    )
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True,
+                                                  metavar="ACTION")
+    train_tok = tokenizer_commands.add_parser(
+        "train",
+        help="train a SentencePiece model and write it where data.tokenizer points",
+        description="Train a SentencePiece model (specials reserved like the byte tokenizer, byte "
+        "fallback, lossless on any text) on the configured dataset's training split and write it "
+        "to the PATH of the config's data.tokenizer: sentencepiece:PATH.",
+    )
+    train_tok.add_argument("--config", type=Path, required=True, help="YAML config file")
+    train_tok.add_argument("--vocab-size", type=int, required=True, help="pieces, specials included")
+    train_tok.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram",
+                           help="SentencePiece algorithm (default: unigram)")
+    train_tok.add_argument("--max-documents", type=int, default=100_000,
+                           help="train on at most this many documents of the split")
+    _add_overrides(train_tok)
     return parser
 
 
@@ -147,9 +185,13 @@ def _eval(args: argparse.Namespace) -> None:
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     cfg, setup, params, step = load_run(args.run, args.step, args.overrides)
+    if args.pseudo_ppl_examples is None:
+        args.pseudo_ppl_examples = cfg.train.pseudo_ppl_examples
     split = args.split or cfg.data.eval_split
     evaluator = Evaluator(setup, open_split(cfg.data, split), load_tokenizer(cfg.data.tokenizer))
     result = {"run": str(args.run), "step": step, "split": split, **evaluator(params, args.batches)}
+    if cfg.objective == "mlm" and args.pseudo_ppl_examples:
+        result.update(evaluator.pseudo_perplexity(params, args.pseudo_ppl_examples))
     if jax.process_index() == 0:
         print(json.dumps(result))
 
@@ -178,10 +220,50 @@ def _generate(args: argparse.Namespace) -> None:
     print(args.prompt + text)
 
 
+def _fill_mask(args: argparse.Namespace) -> None:
+    import jax
+
+    from jaxlm.checkpoint import load_run
+    from jaxlm.fill_mask import MASK_TEXT, fill_mask
+    from jaxlm.objectives import is_causal
+    from jaxlm.tokenizer import load_tokenizer
+
+    if MASK_TEXT not in args.text:
+        raise UserError(f"fill-mask text has no {MASK_TEXT}; write {MASK_TEXT} where a token is missing")
+    cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
+    if is_causal(cfg.objective):
+        raise UserError(f"fill-mask needs a masked LM; {args.run} was trained with objective "
+                        f"{cfg.objective} (use `jaxlm generate`)")
+    answers = fill_mask(setup, params, load_tokenizer(cfg.data.tokenizer), args.text, args.top_k)
+    for number, candidates in enumerate(answers, 1):
+        listed = "  ".join(f"{text!r} {prob:.3f}" for text, prob in candidates)
+        print(f"{MASK_TEXT} {number}: {listed}")
+
+
+def _tokenizer(args: argparse.Namespace) -> None:
+    from jaxlm.config import load_config
+    from jaxlm.data import open_split
+    from jaxlm.tokenizer import sentencepiece_path, train_sentencepiece
+
+    cfg = load_config(args.config, args.overrides)
+    output = sentencepiece_path(cfg.data.tokenizer)
+    if output is None:
+        raise UserError(f"data.tokenizer is '{cfg.data.tokenizer}'; set it to sentencepiece:PATH "
+                        "(in the config or with --set) to say where the model goes")
+    source = open_split(cfg.data, cfg.data.train_split)
+    count = min(len(source), args.max_documents)
+    texts = (source[i].decode("utf-8", errors="replace") for i in range(count))
+    tokenizer = train_sentencepiece(texts, output, vocab_size=args.vocab_size,
+                                    model_type=args.model_type)
+    print(f"wrote {output}: {tokenizer.vocab_size} pieces ({args.model_type}) from {count} documents")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"train": _train, "eval": _eval, "generate": _generate, "fill-mask": _fill_mask,
+                "tokenizer": _tokenizer}
     try:
-        {"train": _train, "eval": _eval, "generate": _generate}[args.command](args)
+        commands[args.command](args)
     except UserError as err:
         print(f"jaxlm: error: {err}", file=sys.stderr)
         return 2

@@ -15,17 +15,21 @@ from typing import Any, Callable
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags as absl_flags
 from absl import logging as absl_logging
 
 from jaxlm.config import DataConfig
 from jaxlm.datasets.corpus import CorpusConfig, PythonStdlib, TextFiles
 from jaxlm.errors import UserError
+from jaxlm.objectives import ExampleFn
 from jaxlm.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 Example = dict[str, np.ndarray]
 # Documents are read in the calling thread: with one stream per batch row, a prefetch thread pool
 # per stream costs seconds to start and buys nothing on local array_record files.
 _READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+# Stream ids of eval data (training rows use their row index): fixed, so eval masks are too.
+EVAL_STREAM = 1 << 32
 
 
 def _text_files_config(cfg: DataConfig) -> CorpusConfig:
@@ -133,11 +137,12 @@ def _tokenize_fn(tokenizer: Tokenizer) -> Callable[[bytes], Example]:
 
 
 def _packed(
-    docs: grain.MapDataset, tokenizer: Tokenizer, example_fn: Callable, seq_len: int
+    docs: grain.MapDataset, tokenizer: Tokenizer, example_fn: ExampleFn, seq_len: int, stream: int
 ) -> grain.IterDataset:
+    """Tokenized, packed rows of one stream; the objective sees (stream, index) to seed its masks."""
     return grain.experimental.ConcatThenSplitIterDataset(
         docs.map(_tokenize_fn(tokenizer)).to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len}
-    ).map(example_fn)
+    ).map_with_index(lambda index, packed: example_fn(packed, (stream, index)))
 
 
 def _stack(rows: tuple[Example, ...]) -> Example:
@@ -154,13 +159,14 @@ def empty_batch(rows: int, seq_len: int) -> Example:
 def train_pipeline(
     source: Any,
     tokenizer: Tokenizer,
-    example_fn: Callable[[Example], Example],
+    example_fn: ExampleFn,
     *,
     seq_len: int,
     global_batch: int,
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    worker_count: int = 0,
 ) -> grain.IterDataset:
     """Endless batches of this process's rows of the global batch.
 
@@ -184,16 +190,41 @@ def train_pipeline(
             tokenizer,
             example_fn,
             seq_len,
+            stream=row,
         )
         for row in range(process_index * local, (process_index + 1) * local)
     ]
-    return grain.experimental.ZipIterDataset(streams).map(_stack)
+    batches = grain.experimental.ZipIterDataset(streams).map(_stack)
+    return _in_workers(batches, worker_count)
+
+
+def _in_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterDataset:
+    """Batches made by `worker_count` grain processes (0: in this one). Each worker packs its own
+    slice of every row's documents, so the batches differ from (but are as deterministic and as
+    exactly resumable as) those of another worker count."""
+    if not worker_count:
+        return batches
+    if not absl_flags.FLAGS.is_parsed():
+        absl_flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; we are no absl app
+    return batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+
+
+def device_prefetch(
+    batches: grain.IterDataset, place: Callable[[Example], Any], size: int
+) -> grain.IterDataset:
+    """Batches put on the devices by `place` in a background thread, `size` ahead of the step, so
+    the step never waits on the host. The iterator's checkpoint state is the one after the last
+    batch handed out (not the last one prefetched), so a resumed run sees the same batches."""
+    placed = batches.map(place)
+    if not size:
+        return placed
+    return grain.experimental.ThreadPrefetchIterDataset(placed, prefetch_buffer_size=size)
 
 
 def eval_pipeline(
     source: Any,
     tokenizer: Tokenizer,
-    example_fn: Callable[[Example], Example],
+    example_fn: ExampleFn,
     *,
     seq_len: int,
     local_batch: int,
@@ -204,7 +235,8 @@ def eval_pipeline(
     """One pass over this process's documents in a fixed shuffled order (so a few eval batches
     sample many documents); the last batch is padded, so every document counts once."""
     docs = grain.MapDataset.source(source)[process_index::process_count].seed(seed).shuffle()
-    batches = _packed(docs, tokenizer, example_fn, seq_len).batch(local_batch)
+    stream = EVAL_STREAM + process_index
+    batches = _packed(docs, tokenizer, example_fn, seq_len, stream).batch(local_batch)
     return batches.map(lambda b: _pad_batch(b, local_batch))
 
 

@@ -1,9 +1,11 @@
-"""Validation metrics over a split: loss, perplexity, bits per byte, token accuracy."""
+"""Validation metrics over a split: loss, perplexity, bits per byte, token accuracy (of the
+predicted tokens: next tokens for clm, masked ones for mlm), the majority-token baseline, and for
+mlm the pseudo-perplexity (every token masked in turn)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,9 @@ from jaxlm.data import empty_batch, eval_pipeline
 from jaxlm.objectives import example_fn
 from jaxlm.sharding import batch_shards, global_batch
 from jaxlm.state import Setup, make_eval_step
-from jaxlm.tokenizer import Tokenizer
+from jaxlm.tokenizer import MASK_ID, SPECIAL_TOKENS, Tokenizer
+
+Batch = dict[str, np.ndarray]
 
 
 class Evaluator:
@@ -28,32 +32,73 @@ class Evaluator:
         self.global_rows = -(-setup.cfg.train.batch_size // shards) * shards
 
     def __call__(self, params: Any, max_batches: int | None = None) -> dict[str, float]:
+        return summarize(self._totals(params, self._batches(), max_batches))
+
+    def pseudo_perplexity(self, params: Any, rows: int) -> dict[str, float]:
+        """exp(mean -log p(token | the row with only that token masked)) over `rows` eval rows
+        (split among processes), each masking position scored in one batch row."""
+        local_rows = -(-rows // jax.process_count())
+        examples = (ex for batch in self._batches() for ex in _rows(batch))
+        chosen = [ex for ex, _ in zip(examples, range(local_rows))]
+        totals = self._totals(params, _one_mask_per_row(chosen, self.global_rows // jax.process_count()))
+        loss = float(totals["loss_sum"]) / max(float(totals["weight_sum"]), 1.0)
+        return {"pseudo_perplexity": math.exp(min(loss, 700.0)),
+                "pseudo_perplexity_tokens": int(totals["weight_sum"])}
+
+    def _batches(self) -> Iterator[Batch]:
         cfg = self.setup.cfg
-        local_rows = self.global_rows // jax.process_count()
-        batches = iter(
+        return iter(
             eval_pipeline(
                 self.source,
                 self.tokenizer,
-                example_fn(cfg.objective),
+                example_fn(cfg, self.tokenizer),
                 seq_len=cfg.data.seq_len,
-                local_batch=local_rows,
+                local_batch=self.global_rows // jax.process_count(),
                 seed=cfg.seed,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
             )
         )
+
+    def _totals(self, params: Any, batches: Iterator[Batch], max_batches: int | None = None) -> dict:
+        """Summed eval-step outputs over local batches; processes keep stepping together."""
+        local_rows = self.global_rows // jax.process_count()
         totals, count = None, 0
         while max_batches is None or count < max_batches:
             local = next(batches, None)
             if not _any_process_has_data(local is not None):
                 break
             if local is None:  # this process is done, others are not: join with padding
-                local = empty_batch(local_rows, cfg.data.seq_len)
+                local = empty_batch(local_rows, self.setup.cfg.data.seq_len)
             batch = global_batch(local, self.setup.batch_sharding)
             sums = self.step(params, batch, self.byte_lengths_V)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             count += 1
-        return summarize(jax.device_get(totals))
+        return jax.device_get(totals)
+
+
+def _rows(batch: Batch) -> Iterator[Batch]:
+    """The real (not padding) rows of a batch, unmasked: inputs restored to the targets."""
+    for i in range(len(batch["inputs"])):
+        if batch["segment_ids"][i].any():
+            yield {**{k: v[i] for k, v in batch.items()}, "inputs": batch["targets"][i]}
+
+
+def _one_mask_per_row(examples: list[Batch], rows_per_batch: int) -> Iterator[Batch]:
+    """For every regular token of every example, a copy with just that token masked and weighted."""
+    first_regular = len(SPECIAL_TOKENS)
+    copies = []
+    for ex in examples:
+        for position in np.flatnonzero((ex["segment_ids"] != 0) & (ex["targets"] >= first_regular)):
+            inputs, weights = ex["targets"].copy(), np.zeros(len(ex["targets"]), np.float32)
+            inputs[position], weights[position] = MASK_ID, 1.0
+            copies.append({**ex, "inputs": inputs, "weights": weights})
+            if len(copies) == rows_per_batch:
+                yield {k: np.stack([c[k] for c in copies]) for k in copies[0]}
+                copies = []
+    if copies:
+        pad = empty_batch(rows_per_batch - len(copies), len(copies[0]["inputs"]))
+        yield {k: np.concatenate([np.stack([c[k] for c in copies]), pad[k]]) for k in copies[0]}
 
 
 def _any_process_has_data(has_data: bool) -> bool:
@@ -75,5 +120,6 @@ def summarize(totals: dict[str, Any]) -> dict[str, float]:
         "perplexity": math.exp(min(loss, 700.0)),
         "bits_per_byte": float(totals["loss_sum"]) / math.log(2) / max(float(totals["byte_sum"]), 1.0),
         "accuracy": float(totals["correct_sum"]) / weight,
+        "majority_accuracy": float(np.max(totals["target_counts_V"])) / weight,
         "tokens": int(totals["weight_sum"]),
     }

@@ -1,8 +1,11 @@
 """Training objectives: a per-example data transform plus one weighted cross-entropy.
 
 The transform turns a packed row into (inputs, targets, weights, segment_ids, positions); the loss
-only reads `weights`, so every objective shares the same jitted step.
-Shape legend: B batch, L sequence, V vocab.
+only reads `weights`, so every objective shares the same jitted step. MLM masks are drawn here, in
+the data pipeline, from a seed derived from (run seed, stream, example index): the index counts on
+across epochs and is part of the checkpointed iterator state, so a resumed run masks exactly as the
+uninterrupted one.
+Shape legend: B batch, L sequence, V vocab, N count.
 """
 
 from __future__ import annotations
@@ -14,13 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlm.config import Config
 from jaxlm.errors import UserError
+from jaxlm.tokenizer import MASK_ID, SPECIAL_TOKENS, Tokenizer
 
 Example = dict[str, np.ndarray]
-OBJECTIVES = ("clm",)
+# (packed row, (stream id, example index in that stream)) -> model example
+ExampleFn = Callable[[Example, tuple[int, int]], Example]
+OBJECTIVES = ("clm", "mlm")
+# Of the selected MLM positions: this share becomes MASK, this share a random token, the rest stay.
+MASK_SHARE, RANDOM_SHARE = 0.8, 0.1
 
 
-def clm_example(packed: Example) -> Example:
+def clm_example(packed: Example, key: tuple[int, int] = (0, 0)) -> Example:
     """Next-token targets; a target in another document (or padding) weighs 0."""
     tokens_L = packed["tokens"]
     segment_ids_L = packed["tokens_segment_ids"]
@@ -37,10 +46,81 @@ def clm_example(packed: Example) -> Example:
     }
 
 
-def example_fn(objective: str) -> Callable[[Example], Example]:
-    if objective == "clm":
+def _word_ids(tokens_L: np.ndarray, candidates_L: np.ndarray, word_starts_V: np.ndarray | None):
+    """Index of the word each candidate belongs to (a piece without the boundary marker continues
+    the word before it); without word boundaries every candidate is its own word."""
+    if word_starts_V is None:
+        return np.cumsum(candidates_L) - 1
+    previous_L = np.concatenate([[False], candidates_L[:-1]])
+    starts_L = candidates_L & (word_starts_V[tokens_L] | ~previous_L)
+    return np.cumsum(starts_L) - 1
+
+
+def mlm_select(
+    tokens_L: np.ndarray,
+    candidates_L: np.ndarray,
+    rng: np.random.Generator,
+    mask_rate: float,
+    word_starts_V: np.ndarray | None = None,
+) -> np.ndarray:
+    """Boolean positions to predict: round(rate x candidates) tokens (at least one), as whole words
+    when `word_starts_V` is given."""
+    count = int(candidates_L.sum())
+    if count == 0:
+        return np.zeros_like(candidates_L)
+    target = max(1, round(mask_rate * count))
+    word_of_L = _word_ids(tokens_L, candidates_L, word_starts_V)
+    sizes_N = np.bincount(word_of_L[candidates_L])
+    order_N = rng.permutation(len(sizes_N))
+    # Whole words in random order until the target count is reached.
+    chosen_N = order_N[: int(np.searchsorted(np.cumsum(sizes_N[order_N]), target)) + 1]
+    selected_words = np.zeros(len(sizes_N), bool)
+    selected_words[chosen_N] = True
+    return candidates_L & selected_words[np.where(candidates_L, word_of_L, 0)]
+
+
+def mlm_example_fn(
+    seed: int, mask_rate: float, tokenizer_vocab: int, word_starts_V: np.ndarray | None = None
+) -> ExampleFn:
+    """BERT masking: of the selected tokens 80 % become MASK, 10 % a random token, 10 % stay;
+    specials and padding are never selected, and only selected positions carry loss weight."""
+    first_regular = len(SPECIAL_TOKENS)
+
+    def mlm_example(packed: Example, key: tuple[int, int]) -> Example:
+        rng = np.random.default_rng([seed, *key])
+        tokens_L = packed["tokens"]
+        segment_ids_L = packed["tokens_segment_ids"]
+        candidates_L = (segment_ids_L != 0) & (tokens_L >= first_regular)
+        selected_L = mlm_select(tokens_L, candidates_L, rng, mask_rate, word_starts_V)
+        roll_L = rng.random(tokens_L.shape)
+        random_L = rng.integers(first_regular, tokenizer_vocab, tokens_L.shape, dtype=np.int32)
+        inputs_L = np.where(selected_L & (roll_L < MASK_SHARE), MASK_ID, tokens_L)
+        replace_L = selected_L & (roll_L >= MASK_SHARE) & (roll_L < MASK_SHARE + RANDOM_SHARE)
+        inputs_L = np.where(replace_L, random_L, inputs_L).astype(np.int32)
+        return {
+            "inputs": inputs_L,
+            "targets": tokens_L,
+            "weights": selected_L.astype(np.float32),
+            "segment_ids": segment_ids_L,
+            "positions": packed["tokens_positions"],
+        }
+
+    return mlm_example
+
+
+def example_fn(cfg: Config, tokenizer: Tokenizer) -> ExampleFn:
+    """The data transform of `cfg.objective`."""
+    if cfg.objective == "clm":
         return clm_example
-    raise UserError(f"unknown objective '{objective}' (supported: {', '.join(OBJECTIVES)})")
+    if cfg.objective == "mlm":
+        word_starts_V = tokenizer.word_starts() if cfg.data.whole_word_mask else None
+        if cfg.data.whole_word_mask and word_starts_V is None:
+            raise UserError(
+                "data.whole_word_mask needs a tokenizer with word pieces; set "
+                "data.tokenizer=sentencepiece:PATH or data.whole_word_mask=false"
+            )
+        return mlm_example_fn(cfg.seed, cfg.data.mask_rate, tokenizer.vocab_size, word_starts_V)
+    raise UserError(f"unknown objective '{cfg.objective}' (supported: {', '.join(OBJECTIVES)})")
 
 
 def is_causal(objective: str) -> bool:

@@ -30,6 +30,13 @@ SAFE_TO_CHANGE = (
     "train.eval_batches",
     "train.on_nonfinite",
     "train.max_consecutive_skips",
+    "train.pseudo_ppl_examples",
+    "train.remat",  # recomputation and accumulation change speed and memory, not the math
+    "train.grad_accum_steps",
+    "model.attention",
+    "data.worker_count",
+    "data.prefetch_batches",
+    "init_from",  # only read when a run starts
     "optimizer.",
     "checkpoint.",
     "mesh.",

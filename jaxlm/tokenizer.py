@@ -1,18 +1,24 @@
-"""Tokenizers behind one small interface (bytes now; SentencePiece implements the same protocol).
+"""Tokenizers behind one small interface: raw bytes (no training) and SentencePiece (trained here).
 
-Special ids are the same in every tokenizer so data transforms and objectives can name them.
+Special ids are the same in every tokenizer so data transforms and objectives can name them, and
+no user text ever encodes to a special id (SentencePiece's specials are control symbols).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import io
+from pathlib import Path
+from typing import Iterable, Literal, Protocol
 
 import numpy as np
+import sentencepiece as spm
 
 from jaxlm.errors import UserError
 
-PAD_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>")
+PAD_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID, UNK_ID = range(7)
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>", "<cls>", "<sep>", "<unk>")
+SENTENCEPIECE_PREFIX = "sentencepiece:"
+WORD_BOUNDARY = "\u2581"  # SentencePiece's marker for a piece that starts with a space
 
 
 class Tokenizer(Protocol):
@@ -26,6 +32,12 @@ class Tokenizer(Protocol):
 
     def byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each id stands for (0 for specials): turns nats/token into bits/byte."""
+
+    def word_starts(self) -> np.ndarray | None:
+        """Per id: does it begin a word (for whole-word masking)? None: no notion of words."""
+
+    def token_text(self, token_id: int) -> str:
+        """A readable form of one id (fill-mask output)."""
 
 
 class ByteTokenizer:
@@ -46,9 +58,130 @@ class ByteTokenizer:
     def byte_lengths(self) -> np.ndarray:
         return (np.arange(self.vocab_size) >= self.offset).astype(np.int32)
 
+    def word_starts(self) -> None:
+        return None
+
+    def token_text(self, token_id: int) -> str:
+        if token_id < self.offset:
+            return SPECIAL_TOKENS[token_id]
+        byte = token_id - self.offset
+        return chr(byte) if 32 <= byte < 127 else f"<0x{byte:02X}>"
+
+
+class SentencePieceTokenizer:
+    """A trained SentencePiece model (byte fallback, no normalisation: lossless on any text)."""
+
+    def __init__(self, path: Path):
+        try:
+            proto = Path(path).read_bytes()
+        except OSError as err:
+            raise UserError(
+                f"tokenizer file {path} cannot be read ({err.strerror}); train one with "
+                "`jaxlm tokenizer train --config FILE --vocab-size N`"
+            ) from None
+        self.path = Path(path)
+        self.model = spm.SentencePieceProcessor()
+        try:
+            self.model.LoadFromSerializedProto(proto)
+        except RuntimeError:
+            raise UserError(f"{path} is not a SentencePiece model file") from None
+        pieces = [self.model.id_to_piece(i) for i in range(len(SPECIAL_TOKENS))]
+        if pieces != list(SPECIAL_TOKENS):
+            raise UserError(
+                f"{path} reserves {pieces} as its first ids, not jaxlm's {list(SPECIAL_TOKENS)}; "
+                "train it with `jaxlm tokenizer train`"
+            )
+        self.vocab_size = self.model.vocab_size()
+        # SentencePiece reads a literal U+2581 in text as a space; spell it as its bytes instead.
+        self._boundary_ids = [self.model.piece_to_id(f"<0x{b:02X}>") for b in WORD_BOUNDARY.encode()]
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+        parts = [self.model.encode(part) for part in text.split(WORD_BOUNDARY)]
+        ids = parts[0]
+        for part in parts[1:]:
+            ids = ids + self._boundary_ids + part
+        return np.asarray(ids, dtype=np.int32)
+
+    def decode(self, ids: np.ndarray | list[int]) -> str:
+        kept = [int(i) for i in ids if int(i) >= len(SPECIAL_TOKENS) and int(i) < self.vocab_size]
+        return self.model.decode(kept)
+
+    def _pieces(self) -> list[str]:
+        return [self.model.id_to_piece(i) for i in range(self.vocab_size)]
+
+    def byte_lengths(self) -> np.ndarray:
+        lengths = [
+            0 if i < len(SPECIAL_TOKENS) else 1 if self.model.is_byte(i)
+            else len(piece.replace(WORD_BOUNDARY, " ").encode("utf-8"))
+            for i, piece in enumerate(self._pieces())
+        ]
+        return np.asarray(lengths, dtype=np.int32)
+
+    def word_starts(self) -> np.ndarray:
+        return np.asarray([p.startswith(WORD_BOUNDARY) for p in self._pieces()], dtype=bool)
+
+    def token_text(self, token_id: int) -> str:
+        return self.model.id_to_piece(int(token_id)).replace(WORD_BOUNDARY, " ")
+
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """Builds the tokenizer a config's `data.tokenizer` names."""
+    """Builds the tokenizer a config's `data.tokenizer` names: bytes | sentencepiece:PATH."""
     if spec == "bytes":
         return ByteTokenizer()
-    raise UserError(f"unknown data.tokenizer '{spec}' (supported: bytes)")
+    if spec.startswith(SENTENCEPIECE_PREFIX) and spec[len(SENTENCEPIECE_PREFIX):]:
+        return SentencePieceTokenizer(Path(spec[len(SENTENCEPIECE_PREFIX):]).expanduser())
+    raise UserError(f"unknown data.tokenizer '{spec}' (use bytes or sentencepiece:PATH)")
+
+
+def sentencepiece_path(spec: str) -> Path | None:
+    """The model file a `data.tokenizer` value points at (None for bytes)."""
+    if spec.startswith(SENTENCEPIECE_PREFIX):
+        return Path(spec[len(SENTENCEPIECE_PREFIX):]).expanduser()
+    return None
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    output: Path,
+    *,
+    vocab_size: int,
+    model_type: Literal["unigram", "bpe"] = "unigram",
+    max_sentences: int = 1_000_000,
+) -> SentencePieceTokenizer:
+    """Trains a model on `texts` (one sentence per line) with jaxlm's specials and byte fallback.
+
+    No normalisation and no dummy prefix, so decode(encode(text)) == text for any Unicode text.
+    """
+    if vocab_size < len(SPECIAL_TOKENS) + 256 + 1:
+        raise UserError(f"--vocab-size must exceed {len(SPECIAL_TOKENS) + 256} (specials + 256 bytes)")
+    proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=proto,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            hard_vocab_limit=False,  # a small corpus may not support the full size: take fewer
+            pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+            pad_piece="<pad>", bos_piece="<bos>", eos_piece="<eos>", unk_piece="<unk>",
+            control_symbols=list(SPECIAL_TOKENS[MASK_ID:UNK_ID]),
+            byte_fallback=True,
+            character_coverage=0.9995,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=1 << 16,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            minloglevel=2,
+        )
+    except RuntimeError as err:
+        raise UserError(f"SentencePiece training failed: {str(err).splitlines()[-1]}") from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_bytes(proto.getvalue())
+    tmp.replace(output)  # never leave a half-written model where configs point
+    return SentencePieceTokenizer(output)

@@ -3,8 +3,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm.config import Config, DataConfig
 from jaxlm.errors import UserError
-from jaxlm.objectives import clm_example, example_fn, mean_loss, weighted_sums
+from jaxlm.objectives import (
+    clm_example,
+    example_fn,
+    mean_loss,
+    mlm_example_fn,
+    mlm_select,
+    weighted_sums,
+)
+from jaxlm.tokenizer import MASK_ID, SPECIAL_TOKENS, ByteTokenizer
+
+VOCAB = 300
 
 
 def test_clm_targets_never_cross_documents_or_padding():
@@ -31,6 +42,69 @@ def test_weighted_sums_match_a_direct_computation():
     np.testing.assert_allclose(mean_loss(sums), expected / 4, rtol=1e-6)
 
 
-def test_unknown_objective():
-    with pytest.raises(UserError, match="unknown objective 'mlm'"):
-        example_fn("mlm")
+def packed_rows(rng: np.random.Generator, n: int, length: int = 64) -> list[dict]:
+    """Rows of packed documents: BOS ... EOS per document, padding at the end."""
+    rows = []
+    for _ in range(n):
+        tokens = rng.integers(len(SPECIAL_TOKENS), VOCAB, length).astype(np.int32)
+        segments = np.repeat(np.arange(1, 5), length // 4).astype(np.int32)
+        starts = np.flatnonzero(np.diff(segments, prepend=0))
+        tokens[starts], tokens[np.r_[starts[1:] - 1, length - 9]] = 1, 2
+        tokens[length - 8:], segments[length - 8:] = 0, 0
+        rows.append({"tokens": tokens, "tokens_segment_ids": segments,
+                     "tokens_positions": np.zeros(length, np.int32)})
+    return rows
+
+
+def test_mlm_masking_statistics_and_specials():
+    mlm = mlm_example_fn(seed=3, mask_rate=0.15, tokenizer_vocab=VOCAB)
+    selected = candidates = masked = randomized = kept = 0
+    for index, row in enumerate(packed_rows(np.random.default_rng(0), 400)):
+        ex = mlm(row, (0, index))
+        chosen = ex["weights"] > 0
+        special = (row["tokens"] < len(SPECIAL_TOKENS)) | (row["tokens_segment_ids"] == 0)
+        assert not (chosen & special).any(), "a special or padding token was selected"
+        np.testing.assert_array_equal(ex["inputs"][~chosen], row["tokens"][~chosen])
+        np.testing.assert_array_equal(ex["targets"], row["tokens"])
+        assert ex["inputs"].max() < VOCAB
+        candidates += (~special).sum()
+        selected += chosen.sum()
+        masked += (ex["inputs"][chosen] == MASK_ID).sum()
+        same = ex["inputs"][chosen] == row["tokens"][chosen]
+        kept += same.sum()
+        randomized += (~same & (ex["inputs"][chosen] != MASK_ID)).sum()
+    assert abs(selected / candidates - 0.15) < 0.005
+    # A random replacement equals the original 1 time in ~293: counted as kept.
+    assert abs(masked / selected - 0.8) < 0.02
+    assert abs(randomized / selected - 0.1) < 0.015
+    assert abs(kept / selected - 0.1) < 0.015
+
+
+def test_mlm_masks_are_a_function_of_seed_and_index():
+    row = packed_rows(np.random.default_rng(1), 1)[0]
+    mlm = mlm_example_fn(seed=0, mask_rate=0.3, tokenizer_vocab=VOCAB)
+    a, b = mlm(row, (2, 7)), mlm(row, (2, 7))
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    assert (mlm(row, (2, 8))["weights"] != a["weights"]).any()
+    assert (mlm(row, (3, 7))["weights"] != a["weights"]).any()
+    other_seed = mlm_example_fn(seed=1, mask_rate=0.3, tokenizer_vocab=VOCAB)(row, (2, 7))
+    assert (other_seed["weights"] != a["weights"]).any()
+
+
+def test_whole_word_selection_takes_whole_words():
+    # Word starts: ids 10 and 11; 20 continues a word.
+    word_starts_V = np.zeros(VOCAB, bool)
+    word_starts_V[[10, 11]] = True
+    tokens_L = np.array([1, 10, 20, 20, 11, 20, 10, 11, 20, 20, 20, 2], np.int32)
+    candidates_L = tokens_L >= len(SPECIAL_TOKENS)
+    words = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    for seed in range(30):
+        chosen = mlm_select(tokens_L, candidates_L, np.random.default_rng(seed), 0.3, word_starts_V)
+        for word in words:
+            assert chosen[word].all() or not chosen[word].any()
+        assert chosen.sum() >= 3 and not chosen[[0, 11]].any()
+
+
+def test_example_fn_errors():
+    with pytest.raises(UserError, match="whole_word_mask needs a tokenizer with word pieces"):
+        example_fn(Config(objective="mlm", data=DataConfig(whole_word_mask=True)), ByteTokenizer())
