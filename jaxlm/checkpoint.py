@@ -181,7 +181,8 @@ def init_params_from(spec: str, setup: Setup) -> Any:
 
 def _shapes(params: Any) -> dict[str, tuple[int, ...]]:
     """Dotted parameter path -> shape."""
-    return {
-        ".".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-    }
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        shapes[".".join(n for n in names if n != "value")] = tuple(leaf.shape)  # nnx.Variable.value
+    return shapes

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm.checkpoint import Checkpointer, load_run
+from jaxlm.checkpoint import Checkpointer, init_params_from, load_run
 from jaxlm.data import open_split, train_pipeline
 from jaxlm.errors import UserError
 from jaxlm.objectives import clm_example
@@ -53,3 +53,35 @@ def test_load_run_reports_missing_runs_and_steps(tmp_path, tiny_cfg):
     loaded_cfg, loaded_setup, params, step = load_run(cfg.run_dir, devices=jax.devices()[:1])
     assert step == 1 and loaded_setup.mesh.size == 1
     assert dataclasses.replace(loaded_cfg, mesh=cfg.mesh) == cfg
+
+
+def _saved_run(cfg):
+    """A run directory holding one checkpoint of freshly initialised state (no training)."""
+    setup = make_setup(cfg)
+    state = init_state(setup)
+    ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint)
+    ckpt.save(4, state, _iterator(cfg), cfg)
+    ckpt.close()
+    return state
+
+
+def test_init_from_loads_exact_params_and_names_the_first_mismatch(tiny_cfg, tmp_path):
+    source_cfg = resolve(dataclasses.replace(tiny_cfg, objective="mlm"), ByteTokenizer())
+    saved = _saved_run(source_cfg)
+    target_cfg = dataclasses.replace(source_cfg, seed=1, train=dataclasses.replace(
+        source_cfg.train, run_dir=str(tmp_path / "finetune")))
+    target = make_setup(target_cfg, jax.devices()[:2])
+    params = init_params_from(f"{source_cfg.run_dir}@4", target)
+    for a, b in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert b.sharding.mesh.size == 2
+    wider = dataclasses.replace(target_cfg, model=dataclasses.replace(target_cfg.model, d_ff=128))
+    with pytest.raises(UserError, match="parameter 'blocks.mlp.down.kernel' has shape"):
+        init_params_from(str(source_cfg.run_dir), make_setup(wider))
+    clm_source = dataclasses.replace(source_cfg, objective="clm", train=dataclasses.replace(
+        source_cfg.train, run_dir=str(tmp_path / "clm")))
+    _saved_run(clm_source)
+    with pytest.raises(UserError, match="'mlm_head.bias' does not exist there.*objective clm"):
+        init_params_from(str(clm_source.run_dir), target)
+    with pytest.raises(UserError, match="no checkpoint at step 9"):
+        init_params_from(f"{source_cfg.run_dir}@9", target)

@@ -1,14 +1,17 @@
 """The CLI end to end (subprocesses, as a user runs it) and its user-error boundary."""
 
 import json
+import random
 
 import pytest
 from conftest import config_file, jaxlm_cli
 
 from jaxlm.cli import build_parser, main
+from jaxlm.metrics import read_metrics
+from jaxlm.tokenizer import train_sentencepiece
 
 
-def test_train_eval_generate_through_the_cli(tmp_path, corpus, cache_dir):
+def test_train_eval_generate_through_the_cli(tmp_path, corpus, cache_dir, capsys):
     cfg = config_file(tmp_path, corpus, cache_dir)
     run = tmp_path / "run"
     trained = jaxlm_cli("train", "--config", cfg, "--no-progress", "--set", "train.steps=6")
@@ -23,6 +26,15 @@ def test_train_eval_generate_through_the_cli(tmp_path, corpus, cache_dir):
                        "--temperature", "0")
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.startswith("def ")
+    assert main(["fill-mask", "--run", str(run), "x [MASK]"]) == 2
+    assert "fill-mask needs a masked LM" in capsys.readouterr().err
+
+    rng = random.Random(0)  # many distinct characters: more pieces than the run's 384 ids
+    texts = ["".join(chr(rng.randint(0x4E00, 0x4E7F)) for _ in range(40)) for _ in range(300)]
+    big = train_sentencepiece(texts, tmp_path / "big.model", vocab_size=600)
+    assert big.vocab_size > 384
+    assert main(["eval", "--run", str(run), "--set", f"data.tokenizer=sentencepiece:{big.path}"]) == 2
+    assert f"has {big.vocab_size} ids but the checkpoint" in capsys.readouterr().err
 
 
 def test_user_error_exits_2_with_one_line_and_no_traceback(tmp_path):
@@ -35,7 +47,52 @@ def test_user_error_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert proc.stderr.startswith("jaxlm: error: invalid YAML")
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+def _json_tail(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_mlm_with_sentencepiece_pretrain_eval_fill_mask_and_finetune(tmp_path, corpus, cache_dir,
+                                                                     capsys):
+    spm_path = tmp_path / "spm" / "t.model"
+    cfg = config_file(tmp_path, corpus, cache_dir, data={"tokenizer": f"sentencepiece:{spm_path}",
+                                                         "whole_word_mask": True})
+    argv = ["--config", str(cfg), "--set", "objective=mlm"]
+    assert main(["tokenizer", "train", "--vocab-size", "400", *argv]) == 0
+    assert "pieces (unigram)" in capsys.readouterr().out and spm_path.exists()
+
+    run = tmp_path / "run"
+    assert main(["train", "--no-progress", *argv, "--set", "train.steps=30",
+                 "--set", "optimizer.learning_rate=1e-2"]) == 0
+    assert (run / "tokenizer.model").read_bytes() == spm_path.read_bytes()
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    spm_path.unlink()  # the run's own copy serves from now on
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--pseudo-ppl-examples", "2"]) == 0
+    result = _json_tail(capsys)
+    assert 0 <= result["majority_accuracy"] <= 1 and 0 < result["accuracy"] <= 1
+    assert 1 < result["pseudo_perplexity"] < 300 and result["pseudo_perplexity_tokens"] > 10
+
+    assert main(["fill-mask", "--run", str(run), "--top-k", "3", "def f(x):\n    [MASK] x [MASK]"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[MASK] 1", "[MASK] 2"]
+    assert main(["generate", "--run", str(run)]) == 2
+    assert "generate needs a causal LM" in capsys.readouterr().err
+
+    finetune = tmp_path / "finetune"
+    assert main(["train", "--no-progress", *argv, "--set", f"data.tokenizer=sentencepiece:{run}/tokenizer.model",
+                 "--set", f"init_from={run}@30", "--set", f"train.run_dir={finetune}",
+                 "--set", "train.steps=2"]) == 0
+    assert f"initialized params from {run}@30" in capsys.readouterr().out
+    first = [r["loss"] for r in read_metrics(finetune / "metrics.jsonl") if "loss" in r][0]
+    assert first < losses[0] - 0.5  # starts where pretraining ended, not from scratch
+
+    train_sentencepiece(["other text " * 50], spm_path, vocab_size=400)
+    assert main(["train", *argv, "--set", "train.steps=40"]) == 2
+    assert "differs from the one this run was trained with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "fill-mask"])
 def test_help_explains_every_flag(command, capsys):
     subparsers = next(a for a in build_parser()._actions if a.dest == "command")
     for action in subparsers.choices[command]._actions:
@@ -61,6 +118,13 @@ def test_each_bad_input_names_its_fix(tmp_path, corpus, cache_dir, capsys):
         "no file matches": ["train", "--config", cfg, "--set", f"data.paths=[{tmp_path}/none/*.txt]"],
         "exceeds model.max_seq_len": ["train", "--config", cfg, "--set", "data.seq_len=128"],
         "holds no checkpoints": ["eval", "--run", tmp_path / "never-trained"],
+        "'objective' must be one of ['clm', 'mlm']": ["train", "--config", cfg, "--set", "objective=xlm"],
+        "data.mask_rate must be in (0, 1)": ["train", "--config", cfg, "--set", "data.mask_rate=1.5"],
+        "missing.model cannot be read": ["train", "--config", cfg,
+                                         "--set", f"data.tokenizer=sentencepiece:{tmp_path}/missing.model"],
+        "fill-mask text has no [MASK]": ["fill-mask", "--run", tmp_path, "no mask here"],
+        "must be a positive multiple of train.grad_accum_steps": [
+            "train", "--config", cfg, "--set", "train.grad_accum_steps=3"],
     }
     for message, argv in cases.items():
         assert message in _error_of(capsys, [str(a) for a in argv])

@@ -1,14 +1,15 @@
 import dataclasses
 
 import grain
+import jax
 import numpy as np
 import pytest
 
 from jaxlm.config import DataConfig
-from jaxlm.data import eval_pipeline, open_split, train_pipeline
+from jaxlm.data import device_prefetch, eval_pipeline, open_split, train_pipeline
 from jaxlm.datasets.corpus import PythonStdlib
 from jaxlm.errors import UserError
-from jaxlm.objectives import clm_example
+from jaxlm.objectives import clm_example, mlm_example_fn
 from jaxlm.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
 
 
@@ -74,12 +75,12 @@ def test_missing_path_and_empty_corpus_are_user_errors(tmp_path, cache_dir):
         open_split(DataConfig(dataset="no_such_dataset_xyz", cache_dir=str(cache_dir)), "train")
 
 
-def _pipeline(source, train=True, **kw):
+def _pipeline(source, train=True, example=clm_example, **kw):
     if train:
         args = dict(seq_len=32, global_batch=4, seed=0) | kw
-        return train_pipeline(source, ByteTokenizer(), clm_example, **args)
+        return train_pipeline(source, ByteTokenizer(), example, **args)
     args = dict(seq_len=32, local_batch=4, seed=0) | kw
-    return eval_pipeline(source, ByteTokenizer(), clm_example, **args)
+    return eval_pipeline(source, ByteTokenizer(), example, **args)
 
 
 def test_packed_batches_have_segments_positions_and_clm_targets(corpus, cache_dir):
@@ -130,6 +131,26 @@ def test_iterator_state_round_trip_continues_exactly(corpus, cache_dir):
         np.testing.assert_array_equal(next(fresh)["inputs"], want)
 
 
+def test_mlm_masks_after_resume_equal_the_uninterrupted_run(corpus, cache_dir):
+    source = open_split(_cfg(corpus, cache_dir), "train")
+    mlm = mlm_example_fn(seed=5, mask_rate=0.15, tokenizer_vocab=ByteTokenizer.vocab_size)
+    it = iter(_pipeline(source, example=mlm))
+    first = [next(it) for _ in range(5)]
+    state = it.get_state()
+    expected = [next(it) for _ in range(8)]  # crosses an epoch boundary: same docs, new masks
+    fresh = iter(_pipeline(source, example=mlm))
+    fresh.set_state(state)
+    for want in expected:
+        got = next(fresh)
+        for key in ("inputs", "weights"):
+            np.testing.assert_array_equal(got[key], want[key])
+    batches = first + expected
+    masked = sum(b["weights"].sum() for b in batches)
+    assert 0.1 < masked / sum((b["segment_ids"] > 0).sum() for b in batches) < 0.16
+    restarted = iter(_pipeline(source, example=mlm))
+    np.testing.assert_array_equal(next(restarted)["inputs"], first[0]["inputs"])
+
+
 def test_epochs_are_reshuffled(corpus, cache_dir):
     source = open_split(_cfg(corpus, cache_dir), "train")
     order = list(grain.MapDataset.source(source).seed(0).shuffle().repeat()[: 2 * len(source)])
@@ -152,3 +173,28 @@ def test_fewer_documents_than_the_batch_is_a_user_error(corpus, cache_dir):
     source = open_split(_cfg(corpus, cache_dir), "train")
     with pytest.raises(UserError, match="fewer than train.batch_size"):
         _pipeline(source, global_batch=len(source) + 1)
+
+
+def test_worker_process_and_device_prefetch_resume_exactly(corpus, cache_dir):
+    """A grain worker process and a device prefetch thread running ahead: the checkpoint state is
+    still that of the last batch handed out, so a restored iterator continues with the next one."""
+    source = open_split(_cfg(corpus, cache_dir), "train")
+
+    def batches(workers):
+        return iter(device_prefetch(_pipeline(source, worker_count=workers), jax.device_put, 3))
+
+    in_process = [next(it)["inputs"] for it in [iter(_pipeline(source))] for _ in range(10)]
+    it = batches(workers=1)
+    first = [next(it) for _ in range(4)]
+    assert isinstance(first[0]["inputs"], jax.Array)
+    state = it.get_state()
+    rest = [next(it) for _ in range(6)]
+    it.close()
+    # One worker reads the whole (unsliced) data set: the same batches as in the process.
+    for got, want in zip(first + rest, in_process):
+        np.testing.assert_array_equal(got["inputs"], want)
+    fresh = batches(workers=1)
+    fresh.set_state(state)
+    for want in rest:
+        np.testing.assert_array_equal(next(fresh)["inputs"], want["inputs"])
+    fresh.close()

@@ -99,3 +99,36 @@ def test_tied_head_has_fewer_params_and_fp32_logits_in_bf16():
     tokens = jnp.ones((2, 8), jnp.int32)
     logits = model(tokens, tokens, jnp.broadcast_to(jnp.arange(8), (2, 8)))
     assert logits.dtype == jnp.float32 and logits.shape == (2, 8, CFG.vocab_size)
+
+
+def test_mlm_gradient_sees_later_tokens_but_never_another_document():
+    model = _model(causal=False)
+    assert model.mlm_head is not None and _model().mlm_head is None
+    graphdef, state = nnx.split(model)
+    segments_1xL = jnp.asarray([[1] * 10 + [2] * 6])
+    positions_1xL = jnp.asarray([list(range(10)) + list(range(6))])
+
+    def loss(x_1xLxD, t):
+        logits = nnx.merge(graphdef, state).from_embeddings(x_1xLxD, segments_1xL, positions_1xL)
+        return -jax.nn.log_softmax(logits[0, t])[7]
+
+    x = jax.random.normal(jax.random.key(1), (1, 16, CFG.d_model))
+    grad = jax.jit(jax.grad(loss))
+    for t, own, other in ((3, slice(0, 10), slice(10, 16)), (12, slice(10, 16), slice(0, 10))):
+        grad_LxD = np.asarray(grad(x, t)[0])
+        assert np.all(np.abs(grad_LxD[own]).sum(-1) > 0)  # before and after t in its document
+        assert np.all(grad_LxD[other] == 0.0)
+
+
+@pytest.mark.parametrize("config, published", [("bert_base.yaml", 110e6), ("gpt2_124m.yaml", 124e6)])
+def test_standard_configs_match_published_parameter_counts(config, published):
+    from conftest import REPO
+
+    from jaxlm.config import load_config
+    from jaxlm.objectives import is_causal
+
+    cfg = load_config(REPO / "configs" / config)
+    model = nnx.eval_shape(
+        lambda: Transformer(cfg.model, causal=is_causal(cfg.objective), rngs=nnx.Rngs(0))
+    )
+    assert abs(count_params(model) - published) / published < 0.01
