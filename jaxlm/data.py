@@ -206,7 +206,9 @@ def _in_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterData
         return batches
     if not absl_flags.FLAGS.is_parsed():
         absl_flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; we are no absl app
-    return batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    options = grain.MultiprocessingOptions(num_workers=worker_count)
+    # Worker output lives in shared memory that grain reuses: own a copy before it is kept.
+    return batches.mp_prefetch(options).map(lambda batch: {k: np.array(v) for k, v in batch.items()})
 
 
 def device_prefetch(

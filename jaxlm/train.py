@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -16,9 +17,10 @@ from tqdm import tqdm
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import RUN_TOKENIZER, Checkpointer, init_params_from
 from jaxlm.config import Config
-from jaxlm.data import open_split, train_pipeline
+from jaxlm.data import device_prefetch, open_split, train_pipeline
 from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.evaluate import Evaluator
+from jaxlm.flops import flops_per_token, mfu, peak_flops
 from jaxlm.metrics import MetricsLog
 from jaxlm.objectives import example_fn
 from jaxlm.preemption import StopRequest
@@ -115,18 +117,19 @@ def train(
     check_batch_size(cfg, setup)
 
     def new_iterator():
-        return iter(
-            train_pipeline(
-                train_source,
-                tokenizer,
-                example_fn(cfg, tokenizer),
-                seq_len=cfg.data.seq_len,
-                global_batch=cfg.train.batch_size,
-                seed=cfg.seed,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
+        batches = train_pipeline(
+            train_source,
+            tokenizer,
+            example_fn(cfg, tokenizer),
+            seq_len=cfg.data.seq_len,
+            global_batch=cfg.train.batch_size,
+            seed=cfg.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            worker_count=cfg.data.worker_count,
         )
+        place = functools.partial(global_batch, sharding=setup.batch_sharding)
+        return iter(device_prefetch(batches, place, cfg.data.prefetch_batches))
 
     # ------------------------------------------------------------ fresh start or resume
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
@@ -158,7 +161,7 @@ def train(
     try:
         with StopRequest() as stop:
             for step in range(start + 1, end + 1):
-                batch = global_batch(next(train_iter), setup.batch_sharding)
+                batch = next(train_iter)  # already on the devices (data.prefetch_batches)
                 state, metrics = train_step(state, batch)
                 if wait_each_step:
                     jax.block_until_ready(metrics)
@@ -173,7 +176,8 @@ def train(
                     pending.check_finite(records)
                     if records:
                         bar.set_postfix(loss=f"{records[-1]['loss']:.3f}",
-                                        tok_s=f"{pending.tokens_per_s:,.0f}")
+                                        tok_s=f"{pending.tokens_per_s:,.0f}",
+                                        mfu=f"{pending.mfu:.1%}")
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
                     final_eval = evaluator(state["params"], cfg.train.eval_batches)
                     log.write([{"step": step, **{f"eval_{k}": v for k, v in final_eval.items()}}])
@@ -191,6 +195,7 @@ def train(
     finally:
         bar.close()
         checkpointer.close()  # waits for the last async save
+        train_iter.close()  # stops the prefetch thread and grain's worker processes
     return final_eval
 
 
@@ -205,13 +210,18 @@ def _save(checkpointer: Checkpointer, step: int, state: Any, data_iter: Any, cfg
 
 
 class _PendingMetrics:
-    """Per-step metrics still on the device, fetched in groups; checks for non-finite steps."""
+    """Per-step metrics still on the device, fetched in groups; checks for non-finite steps.
+
+    Each group's last record also gets the tokens/s since the previous group (padding included)
+    and the MFU that rate means (jaxlm.flops; on CPU the peak is measured here, once)."""
 
     def __init__(self, cfg: Config, checkpointer: Checkpointer, last_saved: int):
         self.cfg, self.checkpointer, self.last_saved = cfg, checkpointer, last_saved
         self.steps: list[tuple[int, dict[str, jax.Array]]] = []
         self.nonfinite_streak = 0
-        self.tokens_per_s = 0.0
+        self.tokens_per_s = self.mfu = 0.0
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops, _ = peak_flops(cfg.model.compute_dtype)
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -227,9 +237,10 @@ class _PendingMetrics:
         elapsed = max(time.perf_counter() - self._clock, 1e-9)
         tokens = self._clock_steps * self.cfg.train.batch_size * self.cfg.data.seq_len
         self.tokens_per_s = tokens / elapsed
+        self.mfu = mfu(self.flops_per_token, self.tokens_per_s, self.peak_flops)
         self.restart_clock()
         if records:
-            records[-1]["tokens_per_s"] = self.tokens_per_s
+            records[-1].update(tokens_per_s=self.tokens_per_s, mfu=self.mfu)
         return records
 
     def check_finite(self, records: list[dict[str, Any]]) -> None:
