@@ -108,3 +108,16 @@ def test_grad_accumulation_equals_the_big_batch_step(tiny_cfg):
             np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_4)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_trains_with_float32_params_and_loss(tiny_cfg):
+    cfg = dataclasses.replace(
+        tiny_cfg,
+        model=dataclasses.replace(tiny_cfg.model, compute_dtype="bfloat16"),
+        optimizer=dataclasses.replace(tiny_cfg.optimizer, warmup_steps=0, learning_rate=1e-2),
+    )
+    params, history = _run_steps(cfg, _synthetic_batch(8, 32), steps=4)
+    losses = [m["loss_sum"] / m["weight_sum"] for m in history]
+    assert history[0]["loss_sum"].dtype == np.float32
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype("float32")}
