@@ -9,17 +9,31 @@ NamedShardings and `jit(init, out_shardings=...)` places them, so nothing is mat
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.attention import dot_product_attention
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
 
 Array = jax.Array
 # Activations between blocks: rows split like the batch, features replicated.
 ACTIVATION_AXES = ("batch", None, None)
+# train.remat -> what each scanned layer keeps for the backward pass (the rest is recomputed).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer at every slot, stacked like the scanned block params."""
+
+    k_NxBxSxHxK: jax.Array
+    v_NxBxSxHxK: jax.Array
 
 
 def _dense_init(std: float, names: tuple[str, ...]) -> dict:
@@ -40,15 +54,6 @@ def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
     return out.astype(x_BxLxHxK.dtype)
 
 
-def attention_mask(segment_ids_BxL: Array, causal: bool) -> Array:
-    """Bx1xLxL boolean: same packed document (padding only sees padding), and causal if asked."""
-    same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-    if causal:
-        length = segment_ids_BxL.shape[1]
-        same_doc_BxLxL &= jnp.tril(jnp.ones((length, length), dtype=bool))
-    return same_doc_BxLxL[:, None]
-
-
 def gelu_exact(x: Array) -> Array:
     # jax.nn.gelu(approximate=False) is far slower on XLA:CPU than this identical formula.
     return 0.5 * x * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))
@@ -67,15 +72,38 @@ class Attention(nnx.Module):
             "BLHK,HKD->BLD", (h, k, d), **_dense_init(out_std, ("heads", "kv", "embed")), **common
         )
         self.rope_theta = cfg.rope_theta
+        self.implementation = cfg.attention
 
-    def __call__(self, x_BxLxD: Array, positions_BxL: Array, mask_Bx1xLxL: Array) -> Array:
+    def _qkv(self, x_BxLxD: Array, positions_BxL: Array) -> tuple[Array, Array, Array]:
         q_BxLxHxK = rope(self.q(x_BxLxD), positions_BxL, self.rope_theta)
         k_BxLxHxK = rope(self.k(x_BxLxD), positions_BxL, self.rope_theta)
-        v_BxLxHxK = self.v(x_BxLxD)
-        out_BxLxHxK = jax.nn.dot_product_attention(
-            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxL, implementation="xla"
+        return q_BxLxHxK, k_BxLxHxK, self.v(x_BxLxD)
+
+    def __call__(
+        self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array, causal: bool
+    ) -> Array:
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._qkv(x_BxLxD, positions_BxL)
+        out_BxLxHxK = dot_product_attention(
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL,
+            causal=causal, implementation=self.implementation,
         )
         return self.o(out_BxLxHxK)
+
+    def cached(
+        self, x_BxTxD: Array, positions_BxT: Array, k_BxSxHxK: Array, v_BxSxHxK: Array
+    ) -> tuple[Array, Array, Array]:
+        """Causal attention for generation: writes this call's keys/values at cache slot
+        `positions` (per row; out-of-range slots are dropped) and attends to slots <= position."""
+        q_BxTxHxK, new_k_BxTxHxK, new_v_BxTxHxK = self._qkv(x_BxTxD, positions_BxT)
+        rows_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
+        k_BxSxHxK = k_BxSxHxK.at[rows_Bx1, positions_BxT].set(new_k_BxTxHxK, mode="drop")
+        v_BxSxHxK = v_BxSxHxK.at[rows_Bx1, positions_BxT].set(new_v_BxTxHxK, mode="drop")
+        slots_S = jnp.arange(k_BxSxHxK.shape[1])
+        mask_Bx1xTxS = (slots_S <= positions_BxT[:, :, None])[:, None]
+        out_BxTxHxK = jax.nn.dot_product_attention(
+            q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xTxS, implementation="xla"
+        )
+        return self.o(out_BxTxHxK), k_BxSxHxK, v_BxSxHxK
 
 
 class Mlp(nnx.Module):
@@ -114,18 +142,33 @@ class Block(nnx.Module):
         self.mlp_norm = _rms_norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
 
-    def __call__(self, x_BxLxD: Array, positions_BxL: Array, mask_Bx1xLxL: Array) -> Array:
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxL)
+    def __call__(
+        self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array, causal: bool
+    ) -> Array:
+        attn_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, causal)
+        x_BxLxD = x_BxLxD + attn_BxLxD
         return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+
+    def cached(
+        self, x_BxTxD: Array, positions_BxT: Array, k_BxSxHxK: Array, v_BxSxHxK: Array
+    ) -> tuple[Array, Array, Array]:
+        """The block for generation: attention reads and updates this layer's KV cache."""
+        attn_BxTxD, k_BxSxHxK, v_BxSxHxK = self.attn.cached(
+            self.attn_norm(x_BxTxD), positions_BxT, k_BxSxHxK, v_BxSxHxK
+        )
+        x_BxTxD = x_BxTxD + attn_BxTxD
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), k_BxSxHxK, v_BxSxHxK
 
 
 class Transformer(nnx.Module):
-    """Token ids -> fp32 logits; `causal` picks decoder (CLM) or bidirectional encoder attention."""
+    """Token ids -> fp32 logits; `causal` picks decoder (CLM) or bidirectional encoder attention;
+    `remat` (train.remat) what each layer recomputes in the backward pass instead of storing."""
 
-    def __init__(self, cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs, remat: str = "none"):
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be resolved from the tokenizer first")
         self.causal = causal
+        self.remat = remat
         with nnx.use_eager_sharding(False):
             self.embed = nnx.Embed(
                 cfg.vocab_size,
@@ -151,6 +194,7 @@ class Transformer(nnx.Module):
                     rngs=rngs,
                 )
             )
+            self.mlm_head = None if causal else MlmHead(cfg, rngs=rngs)
 
     def __call__(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array) -> Array:
         return self.from_embeddings(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL)
@@ -159,20 +203,81 @@ class Transformer(nnx.Module):
         self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array
     ) -> Array:
         """The network after the token lookup (a seam for gradients w.r.t. input positions)."""
-        mask_Bx1xLxL = attention_mask(segment_ids_BxL, self.causal)
         x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
         block_def, block_state = nnx.split(self.blocks)
 
         def layer(x_BxLxD: Array, layer_state: nnx.State) -> tuple[Array, None]:
             block = nnx.merge(block_def, layer_state)
-            x_BxLxD = block(x_BxLxD, positions_BxL, mask_Bx1xLxL)
+            x_BxLxD = block(x_BxLxD, positions_BxL, segment_ids_BxL, self.causal)
             return constrain(x_BxLxD, ACTIVATION_AXES), None
 
+        if self.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, block_state)
+        return self.head(x_BxLxD)
+
+    def cached(
+        self, tokens_BxT: Array, positions_BxT: Array, cache: KVCache
+    ) -> tuple[Array, KVCache]:
+        """Causal forward for generation, up to `head` (apply it to the rows that need logits):
+        the same blocks as `__call__`, but each layer writes the keys/values of `tokens` at cache
+        slot `positions` (per row) and attends over its cache slots <= position."""
+        block_def, block_state = nnx.split(self.blocks)
+
+        def layer(x_BxTxD: Array, xs: tuple) -> tuple[Array, tuple[Array, Array]]:
+            layer_state, k_BxSxHxK, v_BxSxHxK = xs
+            block = nnx.merge(block_def, layer_state)
+            x_BxTxD, k_BxSxHxK, v_BxSxHxK = block.cached(
+                x_BxTxD, positions_BxT, k_BxSxHxK, v_BxSxHxK
+            )
+            return x_BxTxD, (k_BxSxHxK, v_BxSxHxK)
+
+        x_BxTxD, (k_NxBxSxHxK, v_NxBxSxHxK) = jax.lax.scan(
+            layer, self.embed(tokens_BxT), (block_state, *cache)
+        )
+        return x_BxTxD, KVCache(k_NxBxSxHxK, v_NxBxSxHxK)
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty cache of `length` slots per row, in the compute dtype."""
+        n_layers, _, heads, head_dim = self.blocks.attn.k.kernel.shape
+        zeros = jnp.zeros((n_layers, batch, length, heads, head_dim), self.blocks.attn.k.dtype)
+        return KVCache(zeros, zeros)
+
+    def head(self, x_BxLxD: Array) -> Array:
+        """Last block's output -> fp32 logits."""
         x_BxLxD = self.final_norm(x_BxLxD)
+        if self.mlm_head is not None:
+            x_BxLxD = self.mlm_head(x_BxLxD)
         if self.lm_head is None:
-            return self.embed.attend(x_BxLxD).astype(jnp.float32)
-        return self.lm_head(x_BxLxD).astype(jnp.float32)
+            logits_BxLxV = self.embed.attend(x_BxLxD).astype(jnp.float32)
+        else:
+            logits_BxLxV = self.lm_head(x_BxLxD).astype(jnp.float32)
+        if self.mlm_head is not None:
+            logits_BxLxV = logits_BxLxV + self.mlm_head.bias[...]
+        return logits_BxLxV
+
+
+class MlmHead(nnx.Module):
+    """BERT's masked-LM transform before the (tied) decoder: dense, GELU, norm; plus the
+    decoder's per-token output bias. Only encoders (objective mlm) have one."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(
+            cfg.d_model,
+            cfg.d_model,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.param_dtype,
+            **_dense_init(0.02, ("embed", None)),
+            bias_metadata={"out_sharding": (None,)},
+            rngs=rngs,
+        )
+        self.norm = _rms_norm(cfg, rngs)
+        self.bias = nnx.Param(
+            jnp.zeros((cfg.vocab_size,), cfg.param_dtype), out_sharding=("vocab",)
+        )
+
+    def __call__(self, x_BxLxD: Array) -> Array:
+        return self.norm(gelu_exact(self.dense(x_BxLxD)))
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:

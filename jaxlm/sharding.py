@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -118,9 +118,27 @@ def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _spec(logical, rules)))
+
+
+def shard_map_by_logical(
+    fn: Callable, in_axes: tuple[tuple[str | None, ...], ...], out_axes: tuple[str | None, ...]
+) -> Callable:
+    """`fn` run on each device's shard, split by logical names, for kernels XLA cannot partition
+    (Pallas calls); plain `fn` outside `activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return fn
+    mesh, rules = active
+    in_specs = tuple(_spec(logical, rules) for logical in in_axes)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=in_specs, out_specs=_spec(out_axes, rules), check_vma=False
+    )
+
+
+def _spec(logical: tuple[str | None, ...], rules: tuple) -> PartitionSpec:
     mapping = dict(rules)
-    spec = PartitionSpec(*(mapping.get(name) if name else None for name in logical))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return PartitionSpec(*(mapping.get(name) if name else None for name in logical))
 
 
 def check_divisible(abstract_params: Any, mesh: Mesh, rules: tuple) -> None:

@@ -132,3 +132,25 @@ def test_standard_configs_match_published_parameter_counts(config, published):
         lambda: Transformer(cfg.model, causal=is_causal(cfg.objective), rngs=nnx.Rngs(0))
     )
     assert abs(count_params(model) - published) / published < 0.01
+
+
+def test_remat_policies_recompute_but_give_the_same_gradients():
+    tokens = jax.random.randint(jax.random.key(2), (2, 16), 4, CFG.vocab_size)
+    segments = jnp.asarray(np.repeat([[1, 2]], 2, 0).repeat(8, 1))
+    positions = jnp.tile(jnp.arange(8), (2, 2))
+
+    params = nnx.state(_model())
+
+    def grads_and_jaxpr(remat):
+        build = lambda: Transformer(CFG, causal=True, rngs=nnx.Rngs(0), remat=remat)
+        graphdef = nnx.graphdef(nnx.eval_shape(build))
+        loss = lambda p: jax.nn.logsumexp(nnx.merge(graphdef, p)(tokens, segments, positions)).sum()
+        return jax.jit(jax.grad(loss))(params), str(jax.make_jaxpr(loss)(params))
+
+    reference, jaxpr = grads_and_jaxpr("none")
+    assert "remat" not in jaxpr
+    for remat in ("full", "dots_saveable"):
+        grads, jaxpr = grads_and_jaxpr(remat)
+        assert "remat" in jaxpr  # the jax.checkpoint primitive
+        same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        jax.tree.map(same, grads, reference)
