@@ -146,7 +146,8 @@ def train(
         print(f"resuming from step {start} in {checkpointer.directory}", flush=True)
     if is_main:
         config_lib.save_yaml(cfg, run_dir / "config.yaml")
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main, resume_step=start)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main, resume_step=start,
+                     tensorboard_dir=run_dir / "tensorboard")
     train_step = make_train_step(setup)
 
     # ------------------------------------------------------------ steps
@@ -195,6 +196,7 @@ def train(
     finally:
         bar.close()
         checkpointer.close()  # waits for the last async save
+        log.close()
         train_iter.close()  # stops the prefetch thread and grain's worker processes
     return final_eval
 

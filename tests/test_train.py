@@ -26,6 +26,7 @@ def test_loss_falls_and_run_dir_holds_config_metrics_checkpoints(tiny_cfg):
     assert [r["step"] for r in evals] == [12, 24] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert result["loss"] == evals[1]["eval_loss"] and result["bits_per_byte"] > 0
     assert (run_dir / "config.yaml").exists()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     rates = [r for r in read_metrics(run_dir / "metrics.jsonl") if "tokens_per_s" in r]
     assert len(rates) >= 24 // cfg.train.log_every
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rates)
