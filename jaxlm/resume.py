@@ -34,8 +34,8 @@ SAFE_TO_CHANGE = (
     "train.remat",  # recomputation and accumulation change speed and memory, not the math
     "train.grad_accum_steps",
     "model.attention",
-    "data.worker_count",
-    "data.prefetch_batches",
+    "data.prefetch_batches",  # (not data.worker_count: workers reorder the batches, and the
+    # saved iterator state of one worker count does not restore into another)
     "init_from",  # only read when a run starts
     "optimizer.",
     "checkpoint.",

@@ -87,6 +87,9 @@ def test_config_edits_on_resume(tiny_cfg, capsys):
     wider = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, d_model=48))
     with pytest.raises(UserError, match=r"model\.d_model: 32 -> 48.*--force-resume"):
         train(wider, show_progress=False)
+    workers = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, worker_count=1))
+    with pytest.raises(UserError, match=r"data\.worker_count: 0 -> 1"):
+        train(workers, show_progress=False)
     reseeded = dataclasses.replace(tiny_cfg, seed=7)
     with pytest.raises(UserError, match=r"seed: 0 -> 7"):
         train(reseeded, show_progress=False)
