@@ -101,16 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
         help="sample a continuation of a prompt from a causal LM checkpoint",
-        description="Sample text from a trained causal LM.",
+        description="Sample text from a trained causal LM, all prompts as one batch with a KV "
+        "cache. The context window (model.max_seq_len) does not slide: a row stops when prompt "
+        "plus continuation fill it (a longer prompt keeps its last max_seq_len - 1 tokens).",
     )
     generate.add_argument("--run", type=Path, required=True, help=run_help)
-    generate.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    generate.add_argument(
+        "--prompt",
+        action="append",
+        help="text to continue (default: empty); repeat for a batch, printed as one JSON line "
+        'per prompt: {"prompt": ..., "text": ...}',
+    )
     generate.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     generate.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample at most")
     generate.add_argument(
         "--temperature", type=float, default=0.8, help="softmax temperature; 0 means greedy"
     )
     generate.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest; 0 = all")
+    generate.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: from the likeliest tokens whose probability reaches p; 1 = all",
+    )
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     _add_overrides(generate)
 
@@ -204,20 +217,28 @@ def _generate(args: argparse.Namespace) -> None:
     from jaxlm.objectives import is_causal
     from jaxlm.tokenizer import load_tokenizer
 
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
     if not is_causal(cfg.objective):
         raise UserError(f"generate needs a causal LM; {args.run} was trained with {cfg.objective}")
-    text = generate(
+    prompts = args.prompt or [""]
+    texts = generate(
         setup,
         params,
         load_tokenizer(cfg.data.tokenizer),
-        args.prompt,
+        prompts,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
+        top_p=args.top_p,
         seed=args.seed,
     )
-    print(args.prompt + text)
+    if len(prompts) == 1:
+        print(prompts[0] + texts[0])
+        return
+    for prompt, text in zip(prompts, texts):
+        print(json.dumps({"prompt": prompt, "text": text}))
 
 
 def _fill_mask(args: argparse.Namespace) -> None:

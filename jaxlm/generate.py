@@ -1,70 +1,159 @@
-"""Sampling from a causal LM: a plain loop over a fixed-size window (one compile, no KV cache).
+"""Sampling from a causal LM with a KV cache: one jitted prefill over a batch of prompts, then one
+jitted decode step per new token for the whole batch.
 
-Shape legend: L window length, V vocab.
+Rows are right-padded: row b's context (BOS + prompt) fills cache slots [0, n_b) and its j-th new
+token is written at slot n_b + j, so every token's RoPE position is its slot. A query at slot p
+attends to slots <= p, all of which hold that row's real tokens by then (pad slots are overwritten
+before anything can see them). The cache has `model.max_seq_len` slots and does not slide: a row
+stops when it is full, at EOS, or after `max_new_tokens`; a longer prompt keeps its last
+max_seq_len - 1 tokens. Prompts are padded to a power-of-two bucket, so a (batch, bucket) shape
+compiles once.
+
+Shape legend: B batch, P prompt bucket, S cache slots (max_seq_len), D d_model, V vocab.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm.model import KVCache
 from jaxlm.state import Setup
 from jaxlm.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer
 
+MIN_BUCKET = 16
 
-def sample_logits(logits_V: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    """Greedy at temperature 0; otherwise samples from the top_k (0 = all) tokens."""
+
+def sample_logits(
+    logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float
+) -> jax.Array:
+    """Greedy at temperature 0; otherwise samples among the top_k (0 = all) tokens that are also
+    in the smallest set whose probability reaches top_p (1 = all)."""
     if temperature <= 0:
-        return jnp.argmax(logits_V)
-    logits_V = logits_V / temperature
-    if 0 < top_k < logits_V.shape[-1]:
-        kth = jax.lax.top_k(logits_V, top_k)[0][-1]
-        logits_V = jnp.where(logits_V < kth, -jnp.inf, logits_V)
-    return jax.random.categorical(key, logits_V)
+        return jnp.argmax(logits_BxV, axis=-1)
+    logits_BxV = logits_BxV / temperature
+    if 0 < top_k < logits_BxV.shape[-1]:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if top_p < 1:
+        sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        cutoff_Bx1 = jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf).min(-1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+    return jax.random.categorical(key, logits_BxV, axis=-1)
+
+
+def banned_tokens(model_vocab: int, tokenizer: Tokenizer) -> np.ndarray:
+    """Never sampled: specials other than EOS, and ids past the tokenizer's vocabulary."""
+    banned_V = np.arange(model_vocab) >= tokenizer.vocab_size
+    banned_V[: len(SPECIAL_TOKENS)] = True
+    banned_V[EOS_ID] = False
+    return banned_V
+
+
+def bucket(length: int, window: int) -> int:
+    """Padded prompt length: a power of two (at least MIN_BUCKET), at most the window."""
+    return min(window, max(MIN_BUCKET, 1 << (length - 1).bit_length()))
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """The two jitted functions of generation (jit caches one compile per input shape).
+
+    prefill(params, tokens_BxP, lengths_B, key) -> (first new token per row, cache)
+    decode(params, cache, tokens_B, positions_B, key) -> (next token per row, cache); the cache
+    argument is donated, and `tokens` is written at slot `positions`.
+    """
+
+    window: int
+    prefill: Callable[..., tuple[jax.Array, KVCache]]
+    decode: Callable[..., tuple[jax.Array, KVCache]]
+
+
+def make_sampler(
+    setup: Setup, banned_V: np.ndarray, *, temperature: float, top_k: int, top_p: float
+) -> Sampler:
+    window = setup.cfg.model.max_seq_len
+
+    def next_token(model: Any, x_BxD: jax.Array, key: jax.Array) -> jax.Array:
+        logits_BxV = jnp.where(banned_V, -jnp.inf, model.head(x_BxD))
+        return sample_logits(logits_BxV, key, temperature, top_k, top_p).astype(jnp.int32)
+
+    def prefill(
+        params: Any, tokens_BxP: jax.Array, lengths_B: jax.Array, key: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        model = nnx.merge(setup.model_def, params)
+        batch, length = tokens_BxP.shape
+        positions_BxP = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        x_BxPxD, cache = model.cached(tokens_BxP, positions_BxP, model.init_cache(batch, window))
+        last_BxD = x_BxPxD[jnp.arange(batch), lengths_B - 1]
+        return next_token(model, last_BxD, key), cache
+
+    def decode(
+        params: Any, cache: KVCache, tokens_B: jax.Array, positions_B: jax.Array, key: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        model = nnx.merge(setup.model_def, params)
+        x_Bx1xD, cache = model.cached(tokens_B[:, None], positions_B[:, None], cache)
+        return next_token(model, x_Bx1xD[:, 0], key), cache
+
+    return Sampler(window, jax.jit(prefill), jax.jit(decode, donate_argnums=1))
+
+
+def sample_ids(
+    sampler: Sampler, params: Any, contexts: list[list[int]], *, max_new_tokens: int, seed: int
+) -> list[list[int]]:
+    """New token ids per context (EOS not included); see the module docstring for the limits."""
+    contexts = [c[-(sampler.window - 1) :] for c in contexts]
+    lengths_B = np.array([len(c) for c in contexts], np.int32)
+    tokens_BxP = np.zeros((len(contexts), bucket(int(lengths_B.max()), sampler.window)), np.int32)
+    for row, context in enumerate(contexts):
+        tokens_BxP[row, : len(context)] = context
+    key = jax.random.key(seed)
+    tokens_B, cache = sampler.prefill(params, tokens_BxP, lengths_B, jax.random.fold_in(key, 0))
+    positions_B = lengths_B.copy()  # the slot each row's newest token goes to
+    new: list[list[int]] = [[] for _ in contexts]
+    done_B = np.zeros(len(contexts), bool)
+    for step in range(1, max_new_tokens + 1):
+        for row, token in enumerate(np.asarray(tokens_B).tolist()):
+            if done_B[row]:
+                continue
+            if token == EOS_ID:
+                done_B[row] = True
+                continue
+            new[row].append(token)
+            done_B[row] = len(new[row]) == max_new_tokens or positions_B[row] + 1 >= sampler.window
+        if done_B.all():
+            break
+        tokens_B, cache = sampler.decode(
+            params, cache, tokens_B, jnp.asarray(positions_B), jax.random.fold_in(key, step)
+        )
+        positions_B += 1
+    return new
 
 
 def generate(
     setup: Setup,
     params: Any,
     tokenizer: Tokenizer,
-    prompt: str,
+    prompts: str | list[str],
     *,
     max_new_tokens: int,
     temperature: float,
     top_k: int,
+    top_p: float = 1.0,
     seed: int,
-) -> str:
-    """Continues `prompt`; once the window is full the oldest tokens slide out of view."""
-    window = setup.cfg.model.max_seq_len
-    # Never sample specials other than EOS, nor ids past the tokenizer's vocabulary.
-    banned_V = np.arange(setup.cfg.model.vocab_size) >= tokenizer.vocab_size
-    banned_V[: len(SPECIAL_TOKENS)] = True
-    banned_V[EOS_ID] = False
-
-    @jax.jit
-    def next_token(params: Any, tokens_1xL: jax.Array, length: jax.Array, key: jax.Array) -> jax.Array:
-        model = nnx.merge(setup.model_def, params)
-        positions_1xL = jnp.arange(window)[None]
-        segment_ids_1xL = (positions_1xL < length).astype(jnp.int32)
-        logits_V = model(tokens_1xL, segment_ids_1xL, positions_1xL)[0, length - 1]
-        logits_V = jnp.where(banned_V, -jnp.inf, logits_V)
-        return sample_logits(logits_V, key, temperature, top_k)
-
-    context = [BOS_ID, *tokenizer.encode(prompt).tolist()]
-    generated: list[int] = []
-    key = jax.random.key(seed)
-    for _ in range(max_new_tokens):
-        visible = context[-window:]
-        tokens_1xL = np.zeros((1, window), np.int32)
-        tokens_1xL[0, : len(visible)] = visible
-        key, sub = jax.random.split(key)
-        token = int(next_token(params, jnp.asarray(tokens_1xL), jnp.int32(len(visible)), sub))
-        if token == EOS_ID:
-            break
-        context.append(token)
-        generated.append(token)
-    return tokenizer.decode(generated)
+) -> str | list[str]:
+    """Continuations of `prompts` (a list gives a list), sampled as one batch with a KV cache."""
+    batch = [prompts] if isinstance(prompts, str) else list(prompts)
+    banned_V = banned_tokens(setup.cfg.model.vocab_size, tokenizer)
+    sampler = make_sampler(setup, banned_V, temperature=temperature, top_k=top_k, top_p=top_p)
+    contexts = [[BOS_ID, *tokenizer.encode(p).tolist()] for p in batch]
+    new = sample_ids(sampler, params, contexts, max_new_tokens=max_new_tokens, seed=seed)
+    texts = [tokenizer.decode(ids) for ids in new]
+    return texts[0] if isinstance(prompts, str) else texts

@@ -26,6 +26,11 @@ def test_train_eval_generate_through_the_cli(tmp_path, corpus, cache_dir, capsys
                        "--temperature", "0")
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.startswith("def ")
+    assert main(["generate", "--run", str(run), "--prompt", "def ", "--prompt", "class A:",
+                 "--max-new-tokens", "8", "--top-p", "0.9", "--seed", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [row["prompt"] for row in rows] == ["def ", "class A:"]
+    assert all(len(row["text"].encode()) <= 8 * 3 for row in rows)  # 8 bytes; U+FFFD is 3
     assert main(["fill-mask", "--run", str(run), "x [MASK]"]) == 2
     assert "fill-mask needs a masked LM" in capsys.readouterr().err
 

@@ -1,0 +1,94 @@
+"""KV-cache generation against a full forward pass per token (the definition it must match)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.config import Config, ModelConfig
+from jaxlm.generate import banned_tokens, make_sampler, sample_ids, sample_logits
+from jaxlm.state import init_state, make_setup
+from jaxlm.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
+
+WINDOW = 32
+CONTEXTS = [[BOS_ID, 50, 60, 70], [BOS_ID, *range(80, 91)]]  # 4 and 12 tokens
+
+
+@pytest.fixture(scope="module")
+def model_setup():
+    model = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                        max_seq_len=WINDOW, tie_embeddings=False)
+    setup = make_setup(Config(model=model), jax.devices()[:1])
+    banned_V = banned_tokens(model.vocab_size, ByteTokenizer())
+    greedy = make_sampler(setup, banned_V, temperature=0.0, top_k=0, top_p=1.0)
+    return setup, init_state(setup)["params"], banned_V, greedy
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _last_logits(graphdef, params, tokens_1xS, length):
+    """Uncached: the whole padded window through the model, logits at the last real token."""
+    positions_1xS = jnp.arange(WINDOW)[None]
+    segment_ids_1xS = (positions_1xS < length).astype(jnp.int32)
+    return nnx.merge(graphdef, params)(tokens_1xS, segment_ids_1xS, positions_1xS)[0, length - 1]
+
+
+def _greedy_reference(setup, params, banned_V, context, max_new_tokens):
+    """New ids, and whether EOS ended them."""
+    sequence, new = list(context), []
+    while len(new) < max_new_tokens and len(sequence) < WINDOW:
+        tokens_1xS = np.zeros((1, WINDOW), np.int32)
+        tokens_1xS[0, : len(sequence)] = sequence
+        logits_V = np.array(_last_logits(setup.model_def, params, tokens_1xS, len(sequence)))
+        token = int(np.where(banned_V, -np.inf, logits_V).argmax())
+        if token == EOS_ID:
+            return new, True
+        new.append(token)
+        sequence.append(token)
+    return new, False
+
+
+def test_cached_greedy_equals_a_full_forward_per_token_until_the_window_is_full(model_setup):
+    setup, params, banned_V, greedy = model_setup
+    cached = sample_ids(greedy, params, CONTEXTS, max_new_tokens=100, seed=0)
+    for context, ids in zip(CONTEXTS, cached):
+        reference, _ = _greedy_reference(setup, params, banned_V, context, 100)
+        assert ids == reference
+        assert len(ids) == WINDOW - len(context)  # stops when the window is full
+        assert not banned_V[ids].any()
+    assert sample_ids(greedy, params, CONTEXTS, max_new_tokens=5, seed=0) == [c[:5] for c in cached]
+
+
+def test_eos_stops_its_row_only(model_setup):
+    setup, params, banned_V, greedy = model_setup
+    first = sample_ids(greedy, params, CONTEXTS, max_new_tokens=3, seed=0)
+    # EOS's output column = twice that of row 0's third token: EOS now wins where that token did.
+    params = jax.tree.map(lambda x: x, params)
+    kernel_DxV = params["lm_head"]["kernel"][...]
+    params["lm_head"]["kernel"][...] = kernel_DxV.at[:, EOS_ID].set(2 * kernel_DxV[:, first[0][2]])
+    cached = sample_ids(greedy, params, CONTEXTS, max_new_tokens=20, seed=0)
+    stopped = []
+    for context, ids in zip(CONTEXTS, cached):
+        reference, eos = _greedy_reference(setup, params, banned_V, context, 20)
+        assert ids == reference
+        stopped.append(eos)
+    assert stopped[0] and len(cached[0]) <= 2 and len(cached[1]) > len(cached[0])
+
+
+def test_tiny_top_p_is_greedy_and_top_p_keeps_the_smallest_set_reaching_p(model_setup):
+    setup, params, banned_V, greedy = model_setup
+    nucleus = make_sampler(setup, banned_V, temperature=1.0, top_k=0, top_p=1e-6)
+    assert sample_ids(nucleus, params, CONTEXTS, max_new_tokens=8, seed=3) == sample_ids(
+        greedy, params, CONTEXTS, max_new_tokens=8, seed=0
+    )
+    logits_1xV = jnp.log(jnp.array([[0.05, 0.5, 0.2, 0.25]]))
+    draw = jax.jit(
+        jax.vmap(lambda key, p: sample_logits(logits_1xV, key, 1.0, 0, p)[0], in_axes=(0, None)),
+        static_argnums=1,
+    )
+    keys = jax.random.split(jax.random.key(0), 400)
+    assert set(np.asarray(draw(keys, 0.5)).tolist()) == {1}
+    assert set(np.asarray(draw(keys, 0.7)).tolist()) == {1, 3}
+    assert set(np.asarray(draw(keys, 0.9)).tolist()) == {1, 2, 3}
