@@ -1,127 +1,299 @@
-"""Times the jitted train step of a config and prints one JSON line (tokens/s, step time, MFU).
+"""Times the jitted train step of a config: one JSON line (tokens/s, step time, MFU, compile time).
 
     python tools/bench.py [--config FILE] [--set k=v ...] [--steps N] [--peak-flops F]
+    python tools/bench.py --compile-only --set model.n_layers=32     # compile time alone
+    python tools/bench.py --matrix [--sizes tiny 25m] [--seq-lens 256] [--dtypes float32]
+                          [--remats none full] [--attentions xla] [--out docs/benchmarks.md]
 
-Model FLOPs per token (forward + backward = 3x forward, PaLM appendix B convention):
-    6 * (N_matmul) + 6 * n_layers * seq_len * d_model
-where N_matmul counts every weight used in a matmul (block kernels + the V x D output head) and the
-second term is attention's QK^T and AV over the full (unmasked) sequence: 2 matmuls * 2 FLOPs *
-L * D per token forward, times 3. MFU = FLOPs/token * tokens/s / peak, with peak the FLOP/s of all
-devices in the mesh: --peak-flops per device, or measured here as a timed large matmul.
+MFU = model FLOPs per token (jaxlm.flops: 6 N_matmul + full L x L attention) * tokens/s / peak,
+the peak being --peak-flops per device, the accelerator table of jaxlm.flops, or on CPU a
+size^3 matmul of the compute dtype measured in the same process.
+
+--matrix runs every combination of model size x seq_len x compute dtype x remat x attention in a
+fresh subprocess each (a failing cell records its error and the matrix goes on), then compile-only
+cells for --compile-layers, and writes a markdown table with the machine described. Subprocesses
+get, on CPU, GLIBC_TUNABLES raising glibc's mmap threshold (XLA:CPU's per-call scratch buffer is
+otherwise mapped and page-faulted afresh every step) and --host-devices CPU devices (data
+parallelism over the cores); both can be turned off to measure their effect.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import platform
+import resource
+import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.cli import DEFAULT_CONFIG
 from jaxlm.config import load_config
+from jaxlm.flops import flops_per_token, matmul_params, measured_matmul_flops, table_peak
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import load_tokenizer
 from jaxlm.train import resolve
 
-def measured_peak_flops(dtype: str, size: int, repeats: int = 5) -> float:
-    """Best FLOP/s of a size^3 matmul on one device of the current backend."""
-    a = jnp.ones((size, size), dtype)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+# Model shapes by name (byte vocabulary): --set overrides for each.
+SIZES = {
+    "tiny": {"model.d_model": 128, "model.n_layers": 4, "model.n_heads": 4, "model.d_ff": 512},
+    "25m": {"model.d_model": 512, "model.n_layers": 8, "model.n_heads": 8, "model.d_ff": 1408},
+    "124m": {"model.d_model": 768, "model.n_layers": 12, "model.n_heads": 12, "model.d_ff": 2048},
+}
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+REPO = Path(__file__).resolve().parent.parent
 
 
-def flops_per_token(cfg, matmul_params: int) -> float:
-    m = cfg.model
-    return 6 * matmul_params + 6 * m.n_layers * cfg.data.seq_len * m.d_model
-
-
-def matmul_param_count(state) -> int:
-    """Weights that take part in a matmul: block kernels plus the V x D output head."""
-    blocks = state["params"]["blocks"]
-    kernels = sum(
-        leaf.size
-        for path, leaf in jax.tree_util.tree_leaves_with_path(blocks)
-        if "kernel" in jax.tree_util.keystr(path)
-    )
-    head = state["params"]["lm_head"] if "lm_head" in state["params"] else state["params"]["embed"]
-    return kernels + sum(leaf.size for leaf in jax.tree.leaves(head))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps after compilation")
-    parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per device")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="size of the peak matmul")
-    args = parser.parse_args()
-
-    cfg = load_config(args.config, args.overrides)
-    cfg = resolve(cfg, load_tokenizer(cfg.data.tokenizer))
-    setup = make_setup(cfg)
-    state = init_state(setup)
-    step_fn = make_train_step(setup)
-    rows, length = cfg.train.batch_size, cfg.data.seq_len
+def synthetic_batch(rows: int, length: int, vocab: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    tokens = rng.integers(4, cfg.model.vocab_size, (rows, length + 1), dtype=np.int32)
-    host_batch = {
+    tokens = rng.integers(4, vocab, (rows, length + 1), dtype=np.int32)
+    return {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
         "weights": np.ones((rows, length), np.float32),
         "segment_ids": np.ones((rows, length), np.int32),
         "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
     }
-    batch = jax.device_put(host_batch, setup.batch_sharding)
 
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
+
+def bench(args: argparse.Namespace) -> dict:
+    """Compiles the step (timed apart), runs --steps of it and reports one JSON-ready dict."""
+    cfg = load_config(args.config, args.overrides)
+    cfg = resolve(cfg, load_tokenizer(cfg.data.tokenizer))
+    setup = make_setup(cfg)
+    state = init_state(setup)
+    rows, length = cfg.train.batch_size, cfg.data.seq_len
+    batch = jax.device_put(synthetic_batch(rows, length, cfg.model.vocab_size), setup.batch_sharding)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        lowered = make_train_step(setup).lower(state, batch)
+        lower_s = time.perf_counter() - start
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start - lower_s
+    result = {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "devices": setup.mesh.size,
+        "params": sum(x.size for x in jax.tree.leaves(state["params"])),
+        "matmul_params": matmul_params(cfg.model),
+        "batch": rows,
+        "seq_len": length,
+        "compute_dtype": cfg.model.compute_dtype,
+        "remat": cfg.train.remat,
+        "attention": cfg.model.attention,
+        "grad_accum_steps": cfg.train.grad_accum_steps,
+        "n_layers": cfg.model.n_layers,
+        "lower_s": round(lower_s, 3),
+        "compile_s": round(compile_s, 3),
+        "warnings": sorted({str(w.message).splitlines()[0] for w in caught}),
+    }
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        result["compiled_temp_bytes"] = memory.temp_size_in_bytes
+    if args.compile_only:
+        return result
+
+    # XLA:CPU can deadlock with several multi-device steps in flight: wait for each there.
+    wait_each = jax.default_backend() == "cpu" and setup.mesh.size > 1
+    state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
+    times = []
     start = time.perf_counter()
     for _ in range(args.steps):
-        state, metrics = step_fn(state, batch)
+        state, metrics = compiled(state, batch)
+        if wait_each:
+            jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / args.steps
+    steps_s = np.diff([0.0, *times])
 
-    n_devices = setup.mesh.size
-    per_device_peak = args.peak_flops or measured_peak_flops(cfg.model.compute_dtype, args.matmul_size)
+    per_device = args.peak_flops or table_peak(result["device"], cfg.model.compute_dtype)
+    if per_device:
+        peak, source = per_device * setup.mesh.size, "given" if args.peak_flops else "table"
+    else:  # CPU: the host's cores are shared by its simulated devices
+        peak = measured_matmul_flops(cfg.model.compute_dtype, args.matmul_size)
+        source = f"measured {cfg.model.compute_dtype} {args.matmul_size}^3 matmul"
     tokens_per_s = rows * length / step_s
-    fpt = flops_per_token(cfg, matmul_param_count(state))
-    params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    print(
-        json.dumps(
-            {
-                "config": str(args.config),
-                "backend": jax.default_backend(),
-                "device": jax.devices()[0].device_kind,
-                "devices": n_devices,
-                "host": platform.processor() or platform.machine(),
-                "params": params,
-                "batch": rows,
-                "seq_len": length,
-                "compute_dtype": cfg.model.compute_dtype,
-                "first_step_s": round(compile_s, 3),
-                "step_time_s": round(step_s, 5),
-                "tokens_per_s": round(tokens_per_s, 1),
-                "model_flops_per_token": fpt,
-                "peak_flops_per_device": per_device_peak,
-                "peak_source": "given" if args.peak_flops else f"measured {args.matmul_size}^3 matmul",
-                "mfu": round(fpt * tokens_per_s / (per_device_peak * n_devices), 4),
-            }
-        )
+    fpt = flops_per_token(cfg.model, length)
+    stats = jax.devices()[0].memory_stats() or {}
+    result.update(
+        step_time_s=round(step_s, 5),
+        best_step_s=round(float(steps_s.min()), 5) if wait_each else None,
+        tokens_per_s=round(tokens_per_s, 1),
+        model_flops_per_token=fpt,
+        peak_flops=peak,
+        peak_source=source,
+        mfu=round(fpt * tokens_per_s / peak, 4),
+        max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
+    if "peak_bytes_in_use" in stats:
+        result["peak_device_bytes"] = stats["peak_bytes_in_use"]
+    return result
+
+
+# ---------------------------------------------------------------- matrix
+
+
+def cell_env(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    if args.glibc_tunables:
+        env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+    if args.host_devices:
+        flag = f"--xla_force_host_platform_device_count={args.host_devices}"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
+    return env
+
+
+def run_cell(args: argparse.Namespace, overrides: list[str], compile_only: bool) -> dict:
+    """One benchmark in a fresh process; a failure becomes an 'error' field."""
+    command = [sys.executable, __file__, "--config", str(args.config), "--steps", str(args.steps),
+               "--matmul-size", str(args.matmul_size)]
+    if args.peak_flops:
+        command += ["--peak-flops", str(args.peak_flops)]
+    command += ["--compile-only"] * compile_only
+    for assignment in [*args.overrides, *overrides]:
+        command += ["--set", assignment]
+    cell = {"overrides": overrides}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=cell_env(args),
+                              cwd=REPO, timeout=args.cell_timeout)
+    except subprocess.TimeoutExpired:
+        return {**cell, "error": f"timed out after {args.cell_timeout} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**cell, "error": f"exit {done.returncode}: {tail[:200]}"}
+    return {**cell, **json.loads(lines[-1])}
+
+
+def matrix(args: argparse.Namespace) -> None:
+    cells = []
+    for size, seq_len, dtype, remat, attention in itertools.product(
+        args.sizes, args.seq_lens, args.dtypes, args.remats, args.attentions
+    ):
+        overrides = [f"{k}={v}" for k, v in SIZES[size].items()] + [
+            f"data.seq_len={seq_len}", f"model.max_seq_len={max(seq_len, 1024)}",
+            f"model.compute_dtype={dtype}", f"train.remat={remat}", f"model.attention={attention}",
+        ]
+        cell = {"size": size, **run_cell(args, overrides, compile_only=False)}
+        print(json.dumps(cell), flush=True)
+        cells.append(cell)
+    compiles = []
+    for layers in args.compile_layers:
+        overrides = [f"{k}={v}" for k, v in SIZES[args.sizes[-1]].items()]
+        overrides.append(f"data.seq_len={args.seq_lens[0]}")
+        cell = {"size": args.sizes[-1],
+                **run_cell(args, [*overrides, f"model.n_layers={layers}"], compile_only=True)}
+        print(json.dumps(cell), flush=True)
+        compiles.append(cell)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report(args, cells, compiles))
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mib(value: int | None) -> str:
+    return f"{value / 2**20:,.0f}" if value else "-"
+
+
+def report(args: argparse.Namespace, cells: list[dict], compiles: list[dict]) -> str:
+    """Markdown: the machine, the command, the matrix table and the compile-time cells."""
+    ok = next((c for c in cells + compiles if "error" not in c), {})
+    command = " ".join(["python tools/bench.py", *sys.argv[1:]])
+    lines = [
+        "# Train-step benchmarks",
+        "",
+        f"Machine: {_cpu_model()}, {os.cpu_count()} cores; backend {ok.get('backend', '?')} "
+        f"({ok.get('device', '?')} x {ok.get('devices', '?')}); jax {jax.__version__}, "
+        f"Python {platform.python_version()}.",
+        f"Environment of each cell: GLIBC_TUNABLES {'set' if args.glibc_tunables else 'unset'}, "
+        f"{args.host_devices or 'default'} host devices. Synthetic full-length rows, batch "
+        f"{ok.get('batch', '?')}, {args.steps} timed steps after a warm-up step.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "MFU counts model FLOPs (jaxlm/flops.py: 6 x matmul params + full L x L attention, no "
+        "remat recomputation) against the peak in the `peak` column.",
+        "",
+        "| size | params | seq | dtype | remat | attention | tokens/s | step s | MFU | compile s"
+        " | temp MiB | RSS MiB | peak | notes |",
+        "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for c in cells:
+        knobs = dict(o.split("=", 1) for o in c["overrides"])
+        if "error" in c:
+            lines.append(f"| {c['size']} | | {knobs['data.seq_len']} | {knobs['model.compute_dtype']}"
+                         f" | {knobs['train.remat']} | {knobs['model.attention']} | | | | | | | |"
+                         f" error: {c['error']} |")
+            continue
+        lines.append(
+            f"| {c['size']} | {c['params'] / 1e6:.1f}M | {c['seq_len']} | {c['compute_dtype']} | "
+            f"{c['remat']} | {c['attention']} | {c['tokens_per_s']:,.0f} | {c['step_time_s']:.3f} | "
+            f"{c['mfu']:.1%} | {c['compile_s']:.1f} | {_mib(c.get('compiled_temp_bytes'))} | "
+            f"{_mib(c.get('max_rss_bytes'))} | {c['peak_flops'] / 1e9:,.0f} GFLOP/s "
+            f"({c['peak_source']}) | {'; '.join(c['warnings'])} |"
+        )
+    if compiles:
+        lines += ["", "Compile time of the train step against depth (layers are scanned; ratio: "
+                  "trace + compile against the first row):", "",
+                  "| size | layers | trace s | compile s | ratio |", "|---|---:|---:|---:|---:|"]
+        first = next((c for c in compiles if "error" not in c), None)
+        for c in compiles:
+            layers = c["overrides"][-1].split("=")[1]
+            if "error" in c:
+                lines.append(f"| {c['size']} | {layers} | | | error: {c['error']} |")
+                continue
+            ratio = (c["lower_s"] + c["compile_s"]) / (first["lower_s"] + first["compile_s"])
+            lines.append(f"| {c['size']} | {layers} | {c['lower_s']:.2f} | {c['compile_s']:.2f} | "
+                         f"{ratio:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after compilation")
+    parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per device")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="size of the peak matmul")
+    parser.add_argument("--compile-only", action="store_true", help="lower and compile, no steps")
+    parser.add_argument("--matrix", action="store_true", help="run the benchmark matrix")
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "25m"], choices=sorted(SIZES))
+    parser.add_argument("--seq-lens", nargs="+", type=int, default=[256])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--remats", nargs="+", default=["none", "full"])
+    parser.add_argument("--attentions", nargs="+", default=["xla"])
+    parser.add_argument("--compile-layers", nargs="*", type=int, default=[4, 32],
+                        help="n_layers of the compile-only cells (largest size)")
+    parser.add_argument("--host-devices", type=int, default=2, help="CPU devices per cell (0: as is)")
+    parser.add_argument("--no-glibc-tunables", dest="glibc_tunables", action="store_false")
+    parser.add_argument("--cell-timeout", type=int, default=600)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    if args.matrix:
+        matrix(args)
+        return
+    print(json.dumps({"config": str(args.config), **bench(args)}), flush=True)
 
 
 if __name__ == "__main__":
