@@ -158,10 +158,13 @@ def test_epochs_are_reshuffled(corpus, cache_dir):
     assert sorted(order[: len(source)]) == sorted(order[len(source) :])
 
 
-def test_global_batch_is_the_same_for_any_number_of_processes(corpus, cache_dir):
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_global_batch_is_the_same_for_any_number_of_processes(corpus, cache_dir, objective):
     source = open_split(_cfg(corpus, cache_dir), "train")
-    one = iter(_pipeline(source, global_batch=8))
-    two = [iter(_pipeline(source, global_batch=8, process_index=i, process_count=2)) for i in range(2)]
+    example = clm_example if objective == "clm" else mlm_example_fn(0, 0.15, ByteTokenizer.vocab_size)
+    one = iter(_pipeline(source, global_batch=8, example=example))
+    two = [iter(_pipeline(source, global_batch=8, process_index=i, process_count=2, example=example))
+           for i in range(2)]
     for _ in range(6):
         whole = next(one)
         halves = [next(it) for it in two]
