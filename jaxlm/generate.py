@@ -67,8 +67,8 @@ class Sampler:
     """The two jitted functions of generation (jit caches one compile per input shape).
 
     prefill(params, tokens_BxP, lengths_B, key) -> (first new token per row, cache)
-    decode(params, cache, tokens_B, positions_B, key) -> (next token per row, cache); the cache
-    argument is donated, and `tokens` is written at slot `positions`.
+    decode(params, cache, tokens_B, positions_B, key, step) -> (next token per row, cache): writes
+    `tokens` at slot `positions`, samples with `key` folded with `step`; the cache is donated.
     """
 
     window: int
@@ -81,8 +81,9 @@ def make_sampler(
 ) -> Sampler:
     window = setup.cfg.model.max_seq_len
 
-    def next_token(model: Any, x_BxD: jax.Array, key: jax.Array) -> jax.Array:
+    def next_token(model: Any, x_BxD: jax.Array, key: jax.Array, step: jax.Array) -> jax.Array:
         logits_BxV = jnp.where(banned_V, -jnp.inf, model.head(x_BxD))
+        key = jax.random.fold_in(key, step)
         return sample_logits(logits_BxV, key, temperature, top_k, top_p).astype(jnp.int32)
 
     def prefill(
@@ -93,14 +94,19 @@ def make_sampler(
         positions_BxP = jnp.broadcast_to(jnp.arange(length), (batch, length))
         x_BxPxD, cache = model.cached(tokens_BxP, positions_BxP, model.init_cache(batch, window))
         last_BxD = x_BxPxD[jnp.arange(batch), lengths_B - 1]
-        return next_token(model, last_BxD, key), cache
+        return next_token(model, last_BxD, key, 0), cache
 
     def decode(
-        params: Any, cache: KVCache, tokens_B: jax.Array, positions_B: jax.Array, key: jax.Array
+        params: Any,
+        cache: KVCache,
+        tokens_B: jax.Array,
+        positions_B: jax.Array,
+        key: jax.Array,
+        step: jax.Array,
     ) -> tuple[jax.Array, KVCache]:
         model = nnx.merge(setup.model_def, params)
         x_Bx1xD, cache = model.cached(tokens_B[:, None], positions_B[:, None], cache)
-        return next_token(model, x_Bx1xD[:, 0], key), cache
+        return next_token(model, x_Bx1xD[:, 0], key, step), cache
 
     return Sampler(window, jax.jit(prefill), jax.jit(decode, donate_argnums=1))
 
@@ -115,7 +121,7 @@ def sample_ids(
     for row, context in enumerate(contexts):
         tokens_BxP[row, : len(context)] = context
     key = jax.random.key(seed)
-    tokens_B, cache = sampler.prefill(params, tokens_BxP, lengths_B, jax.random.fold_in(key, 0))
+    tokens_B, cache = sampler.prefill(params, tokens_BxP, lengths_B, key)
     positions_B = lengths_B.copy()  # the slot each row's newest token goes to
     new: list[list[int]] = [[] for _ in contexts]
     done_B = np.zeros(len(contexts), bool)
@@ -130,10 +136,8 @@ def sample_ids(
             done_B[row] = len(new[row]) == max_new_tokens or positions_B[row] + 1 >= sampler.window
         if done_B.all():
             break
-        tokens_B, cache = sampler.decode(
-            params, cache, tokens_B, jnp.asarray(positions_B), jax.random.fold_in(key, step)
-        )
-        positions_B += 1
+        tokens_B, cache = sampler.decode(params, cache, tokens_B, positions_B, key, step)
+        positions_B = positions_B + 1  # a new array: the last one may still be in flight
     return new
 
 

@@ -83,11 +83,14 @@ def test_unavailable_kernels_warn_once_and_fall_back_to_exactly_xla(causal, monk
         return jax.jit(forward)(params)
 
     reference = logits("xla")
+    q, k, v = _qkv(heads=2, head_dim=8)
     for implementation in ("cudnn", "splash"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            first, second = logits(implementation), logits(implementation)
+            np.testing.assert_array_equal(logits(implementation), reference)
+            again = attention.dot_product_attention(
+                q, k, v, jnp.asarray(SEGMENTS_BxL), causal=causal, implementation=implementation
+            )
+        np.testing.assert_array_equal(again, _reference(q, k, v, causal))
         messages = [str(w.message) for w in caught]
         assert len(messages) == 1 and messages[0].startswith(f"model.attention={implementation} ")
-        np.testing.assert_array_equal(first, reference)
-        np.testing.assert_array_equal(second, reference)
