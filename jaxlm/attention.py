@@ -46,18 +46,20 @@ def dot_product_attention(
 ) -> Array:
     """Self-attention over packed rows by the kernel `implementation` names, if it runs here."""
     unsupported = _unsupported(implementation, q_BxLxHxK)
-    if unsupported:
-        _warn_once(implementation, unsupported)
-        implementation = "xla"
-    if implementation == "splash":
+    if implementation == "splash" and not unsupported:
         return splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, causal=causal)
-    if implementation == "cudnn":
+    if implementation == "cudnn" and not unsupported:
         # cuDNN skips the blocks above the diagonal itself; the document mask becomes its bias.
         same_doc_Bx1xLxL = attention_mask(segment_ids_BxL, causal=False)
-        return jax.nn.dot_product_attention(
-            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=same_doc_Bx1xLxL, is_causal=causal,
-            implementation="cudnn",
-        )
+        try:
+            return jax.nn.dot_product_attention(
+                q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=same_doc_Bx1xLxL, is_causal=causal,
+                implementation="cudnn",
+            )
+        except (RuntimeError, NotImplementedError) as err:  # jax's own checks, while tracing
+            unsupported = f"was refused: {err}"
+    if unsupported:
+        _warn_once(implementation, unsupported)
     mask_Bx1xLxL = attention_mask(segment_ids_BxL, causal)
     return jax.nn.dot_product_attention(
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxL, implementation="xla"

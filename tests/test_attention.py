@@ -94,3 +94,17 @@ def test_unavailable_kernels_warn_once_and_fall_back_to_exactly_xla(causal, monk
         np.testing.assert_array_equal(again, _reference(q, k, v, causal))
         messages = [str(w.message) for w in caught]
         assert len(messages) == 1 and messages[0].startswith(f"model.attention={implementation} ")
+
+
+def test_a_kernel_jax_refuses_while_tracing_also_falls_back(monkeypatch):
+    """Past our own checks, jax's cuDNN checks may still refuse (here: no cuDNN on CPU)."""
+    monkeypatch.setattr(attention, "_warned", set())
+    monkeypatch.setattr(attention, "_unsupported", lambda implementation, q: "")
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(heads=2, head_dim=8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = attention.dot_product_attention(
+            q, k, v, jnp.asarray(SEGMENTS_BxL), causal=True, implementation="cudnn"
+        )
+    np.testing.assert_array_equal(out, _reference(q, k, v, causal=True))
+    assert [str(w.message).split(":")[0] for w in caught] == ["model.attention=cudnn was refused"]
