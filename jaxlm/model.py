@@ -90,20 +90,24 @@ class Attention(nnx.Module):
         return self.o(out_BxLxHxK)
 
     def cached(
-        self, x_BxTxD: Array, positions_BxT: Array, k_BxSxHxK: Array, v_BxSxHxK: Array
-    ) -> tuple[Array, Array, Array]:
-        """Causal attention for generation: writes this call's keys/values at cache slot
-        `positions` (per row; out-of-range slots are dropped) and attends to slots <= position."""
+        self, x_BxTxD: Array, positions_BxT: Array, cache: KVCache, layer: Array
+    ) -> tuple[Array, KVCache]:
+        """Causal attention for generation: writes this call's keys/values into `layer` of the
+        cache at slot `positions` (per row; out-of-range slots are dropped), then attends over
+        that layer's slots <= position."""
         q_BxTxHxK, new_k_BxTxHxK, new_v_BxTxHxK = self._qkv(x_BxTxD, positions_BxT)
         rows_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
-        k_BxSxHxK = k_BxSxHxK.at[rows_Bx1, positions_BxT].set(new_k_BxTxHxK, mode="drop")
-        v_BxSxHxK = v_BxSxHxK.at[rows_Bx1, positions_BxT].set(new_v_BxTxHxK, mode="drop")
+        cache = KVCache(
+            cache.k_NxBxSxHxK.at[layer, rows_Bx1, positions_BxT].set(new_k_BxTxHxK, mode="drop"),
+            cache.v_NxBxSxHxK.at[layer, rows_Bx1, positions_BxT].set(new_v_BxTxHxK, mode="drop"),
+        )
+        k_BxSxHxK, v_BxSxHxK = cache.k_NxBxSxHxK[layer], cache.v_NxBxSxHxK[layer]
         slots_S = jnp.arange(k_BxSxHxK.shape[1])
         mask_Bx1xTxS = (slots_S <= positions_BxT[:, :, None])[:, None]
         out_BxTxHxK = jax.nn.dot_product_attention(
             q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xTxS, implementation="xla"
         )
-        return self.o(out_BxTxHxK), k_BxSxHxK, v_BxSxHxK
+        return self.o(out_BxTxHxK), cache
 
 
 class Mlp(nnx.Module):
@@ -150,14 +154,12 @@ class Block(nnx.Module):
         return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
 
     def cached(
-        self, x_BxTxD: Array, positions_BxT: Array, k_BxSxHxK: Array, v_BxSxHxK: Array
-    ) -> tuple[Array, Array, Array]:
-        """The block for generation: attention reads and updates this layer's KV cache."""
-        attn_BxTxD, k_BxSxHxK, v_BxSxHxK = self.attn.cached(
-            self.attn_norm(x_BxTxD), positions_BxT, k_BxSxHxK, v_BxSxHxK
-        )
+        self, x_BxTxD: Array, positions_BxT: Array, cache: KVCache, layer: Array
+    ) -> tuple[Array, KVCache]:
+        """The block for generation: attention reads and updates `layer` of the KV cache."""
+        attn_BxTxD, cache = self.attn.cached(self.attn_norm(x_BxTxD), positions_BxT, cache, layer)
         x_BxTxD = x_BxTxD + attn_BxTxD
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), k_BxSxHxK, v_BxSxHxK
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
 
 
 class Transformer(nnx.Module):
@@ -224,18 +226,19 @@ class Transformer(nnx.Module):
         slot `positions` (per row) and attends over its cache slots <= position."""
         block_def, block_state = nnx.split(self.blocks)
 
-        def layer(x_BxTxD: Array, xs: tuple) -> tuple[Array, tuple[Array, Array]]:
-            layer_state, k_BxSxHxK, v_BxSxHxK = xs
+        # The whole cache rides in the carry, so XLA updates it in place (as scanned-over
+        # inputs and stacked outputs, every layer's slice would be copied each step).
+        def layer(carry: tuple[Array, KVCache], xs: tuple) -> tuple[tuple[Array, KVCache], None]:
+            x_BxTxD, cache = carry
+            layer_state, index = xs
             block = nnx.merge(block_def, layer_state)
-            x_BxTxD, k_BxSxHxK, v_BxSxHxK = block.cached(
-                x_BxTxD, positions_BxT, k_BxSxHxK, v_BxSxHxK
-            )
-            return x_BxTxD, (k_BxSxHxK, v_BxSxHxK)
+            return block.cached(x_BxTxD, positions_BxT, cache, index), None
 
-        x_BxTxD, (k_NxBxSxHxK, v_NxBxSxHxK) = jax.lax.scan(
-            layer, self.embed(tokens_BxT), (block_state, *cache)
+        n_layers = cache.k_NxBxSxHxK.shape[0]
+        (x_BxTxD, cache), _ = jax.lax.scan(
+            layer, (self.embed(tokens_BxT), cache), (block_state, jnp.arange(n_layers))
         )
-        return x_BxTxD, KVCache(k_NxBxSxHxK, v_NxBxSxHxK)
+        return x_BxTxD, cache
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty cache of `length` slots per row, in the compute dtype."""
