@@ -100,6 +100,7 @@ def bench(args: argparse.Namespace) -> dict:
     memory = compiled.memory_analysis()
     if memory is not None:
         result["compiled_temp_bytes"] = memory.temp_size_in_bytes
+    result["hlo_lines"] = len(compiled.as_text().splitlines())
     if args.compile_only:
         return result
 
@@ -198,17 +199,37 @@ def matrix(args: argparse.Namespace) -> None:
         print(json.dumps(cell), flush=True)
         cells.append(cell)
     compiles = []
-    for layers in args.compile_layers:
-        overrides = [f"{k}={v}" for k, v in SIZES[args.sizes[-1]].items()]
+    for size, layers in itertools.product(args.compile_sizes, args.compile_layers):
+        overrides = [f"{k}={v}" for k, v in SIZES[size].items()]
         overrides.append(f"data.seq_len={args.seq_lens[0]}")
-        cell = {"size": args.sizes[-1],
+        cell = {"size": size,
                 **run_cell(args, [*overrides, f"model.n_layers={layers}"], compile_only=True)}
         print(json.dumps(cell), flush=True)
         compiles.append(cell)
+    pipeline = data_cells(args, max((c.get("tokens_per_s", 0) for c in cells), default=0))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report(args, cells, compiles))
+        args.out.write_text(report(args, cells, compiles, pipeline))
         print(f"wrote {args.out}", file=sys.stderr)
+
+
+def data_cells(args: argparse.Namespace, train_tokens_per_s: float) -> list[dict]:
+    """tools/bench_data.py for --data-workers, against the fastest step measured above."""
+    if not args.data_workers:
+        return []
+    command = [sys.executable, str(REPO / "tools" / "bench_data.py"), "--config", str(args.config),
+               "--workers", *map(str, args.data_workers)]
+    if train_tokens_per_s:
+        command += ["--train-tokens-per-s", str(train_tokens_per_s)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                          timeout=args.cell_timeout)
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    for line in lines:
+        print(json.dumps(line), flush=True)
+    if done.returncode or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return [{"error": f"exit {done.returncode}: {tail[:200]}"}]
+    return lines
 
 
 def _cpu_model() -> str:
@@ -225,7 +246,9 @@ def _mib(value: int | None) -> str:
     return f"{value / 2**20:,.0f}" if value else "-"
 
 
-def report(args: argparse.Namespace, cells: list[dict], compiles: list[dict]) -> str:
+def report(
+    args: argparse.Namespace, cells: list[dict], compiles: list[dict], pipeline: list[dict]
+) -> str:
     """Markdown: the machine, the command, the matrix table and the compile-time cells."""
     ok = next((c for c in cells + compiles if "error" not in c), {})
     command = " ".join(["python tools/bench.py", *sys.argv[1:]])
@@ -265,17 +288,31 @@ def report(args: argparse.Namespace, cells: list[dict], compiles: list[dict]) ->
         )
     if compiles:
         lines += ["", "Compile time of the train step against depth (layers are scanned; ratio: "
-                  "trace + compile against the first row):", "",
-                  "| size | layers | trace s | compile s | ratio |", "|---|---:|---:|---:|---:|"]
-        first = next((c for c in compiles if "error" not in c), None)
+                  "trace + compile against the size's first row; HLO lines: the optimised "
+                  "program's length):", "",
+                  "| size | layers | params | HLO lines | trace s | compile s | ratio |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        firsts: dict[str, float] = {}
         for c in compiles:
             layers = c["overrides"][-1].split("=")[1]
             if "error" in c:
-                lines.append(f"| {c['size']} | {layers} | | | error: {c['error']} |")
+                lines.append(f"| {c['size']} | {layers} | | | | | error: {c['error']} |")
                 continue
-            ratio = (c["lower_s"] + c["compile_s"]) / (first["lower_s"] + first["compile_s"])
-            lines.append(f"| {c['size']} | {layers} | {c['lower_s']:.2f} | {c['compile_s']:.2f} | "
-                         f"{ratio:.2f} |")
+            total = c["lower_s"] + c["compile_s"]
+            ratio = total / firsts.setdefault(c["size"], total)
+            lines.append(f"| {c['size']} | {layers} | {c['params'] / 1e6:.1f}M | {c['hlo_lines']} | "
+                         f"{c['lower_s']:.2f} | {c['compile_s']:.2f} | {ratio:.2f} |")
+    if pipeline:
+        lines += ["", f"Input pipeline alone (`tools/bench_data.py`, {args.config.name}, host "
+                  "batches): tokens/s and the multiple of the fastest train step above.", "",
+                  "| workers | batch x seq | first batch s | tokens/s | x train step |",
+                  "|---:|---|---:|---:|---:|"]
+        for c in pipeline:
+            if "error" in c:
+                lines.append(f"| | | | | error: {c['error']} |")
+                continue
+            lines.append(f"| {c['worker_count']} | {c['batch']} x {c['seq_len']} | "
+                         f"{c['first_batch_s']:.2f} | {c['tokens_per_s']:,} | {c['vs_train']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -295,7 +332,10 @@ def main() -> None:
     parser.add_argument("--remats", nargs="+", default=["none", "full"])
     parser.add_argument("--attentions", nargs="+", default=["xla"])
     parser.add_argument("--compile-layers", nargs="*", type=int, default=[4, 32],
-                        help="n_layers of the compile-only cells (largest size)")
+                        help="n_layers of the compile-only cells")
+    parser.add_argument("--compile-sizes", nargs="*", default=["tiny", "25m"], choices=sorted(SIZES))
+    parser.add_argument("--data-workers", nargs="*", type=int, default=[0, 2],
+                        help="data.worker_count values for tools/bench_data.py (none: skip)")
     parser.add_argument("--host-devices", type=int, default=2, help="CPU devices per cell (0: as is)")
     parser.add_argument("--glibc-tunables", action="store_true",
                         help="set GLIBC_TUNABLES (raised mmap threshold) in each cell")

@@ -60,7 +60,7 @@ def main() -> None:
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--batches", type=int, default=200, help="timed batches per measurement")
+    parser.add_argument("--batches", type=int, default=500, help="timed batches per measurement")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
                         help="data.worker_count values to measure")
     parser.add_argument("--train-tokens-per-s", type=float, default=4500.0,
