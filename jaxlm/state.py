@@ -147,11 +147,11 @@ def _summed_grads(model: Transformer, batch: Batch, accum: int) -> tuple[nnx.Sta
 
     shapes = jax.eval_shape(grad_fn, params, _first(batch, accum))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    (grads, sums), _ = jax.lax.scan(accumulate, zeros, microbatches(batch, accum))
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, accum))
     return grads, sums
 
 
-def microbatches(batch: Batch, accum: int) -> Batch:
+def _microbatches(batch: Batch, accum: int) -> Batch:
     """B rows -> (accum, B/accum) rows: microbatch i takes rows i, i+accum, ... Each device's
     contiguous block of rows splits into whole microbatch slices, so no data moves."""
 

@@ -167,6 +167,8 @@ def train(
                 if wait_each_step:
                     jax.block_until_ready(metrics)
                 pending.add(step, metrics)
+                if step == start + 1:  # tokens/s and MFU leave out the compilation
+                    pending.restart_clock(after=metrics)
                 multi_host_stop = jax.process_count() > 1 and checkpointer.reached_preemption(step)
                 interrupted = stop.requested or multi_host_stop
                 save = step % cfg.checkpoint.every == 0 or step == end or interrupted
@@ -226,7 +228,9 @@ class _PendingMetrics:
         self.peak_flops, _ = peak_flops(cfg.model.compute_dtype)
         self.restart_clock()
 
-    def restart_clock(self) -> None:
+    def restart_clock(self, after: Any = None) -> None:
+        """Counts time and steps from now on (`after`: once that step's result is ready)."""
+        jax.block_until_ready(after)
         self._clock, self._clock_steps = time.perf_counter(), 0
 
     def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
@@ -236,6 +240,8 @@ class _PendingMetrics:
     def fetch(self, keep_newest: bool) -> list[dict[str, Any]]:
         ready, self.steps = (self.steps[:-1], self.steps[-1:]) if keep_newest else (self.steps, [])
         records = [_record(step, m) for step, m in jax.device_get(ready)]
+        if not self._clock_steps:  # only the (compiling) first step so far: no rate yet
+            return records
         elapsed = max(time.perf_counter() - self._clock, 1e-9)
         tokens = self._clock_steps * self.cfg.train.batch_size * self.cfg.data.seq_len
         self.tokens_per_s = tokens / elapsed

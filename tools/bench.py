@@ -51,6 +51,7 @@ SIZES = {
 }
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 REPO = Path(__file__).resolve().parent.parent
+NOTES = "\n## Notes"
 
 
 def synthetic_batch(rows: int, length: int, vocab: int) -> dict[str, np.ndarray]:
@@ -209,7 +210,10 @@ def matrix(args: argparse.Namespace) -> None:
     pipeline = data_cells(args, max((c.get("tokens_per_s", 0) for c in cells), default=0))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report(args, cells, compiles, pipeline))
+        # A hand-written "## Notes" section at the end of the file survives a rerun.
+        old = args.out.read_text() if args.out.exists() else ""
+        notes = old[old.index(NOTES):] if NOTES in old else ""
+        args.out.write_text(report(args, cells, compiles, pipeline) + notes)
         print(f"wrote {args.out}", file=sys.stderr)
 
 
