@@ -61,7 +61,7 @@ def table_peak(device_kind: str, dtype: str) -> float | None:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_flops(dtype: str, size: int = 1024, repeats: int = 5) -> float:
+def measured_matmul_flops(dtype: str, size: int = 1024, repeats: int = 10) -> float:
     """Best FLOP/s of a size^3 matmul on the first device (cached: measured once per process).
 
     On CPU one device's matmul already uses every core, so this is the host's peak."""
