@@ -73,7 +73,8 @@ def bench(args: argparse.Namespace) -> dict:
     setup = make_setup(cfg)
     state = init_state(setup)
     rows, length = cfg.train.batch_size, cfg.data.seq_len
-    batch = jax.device_put(synthetic_batch(rows, length, cfg.model.vocab_size), setup.batch_sharding)
+    host_batch = synthetic_batch(rows, length, cfg.model.vocab_size)
+    batch = jax.device_put(host_batch, setup.batch_sharding)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
@@ -286,7 +287,8 @@ def report(
         lines.append(
             f"| {c['size']} | {c['params'] / 1e6:.1f}M | {c['seq_len']} | {c['compute_dtype']} | "
             f"{c['remat']} | {c['attention']} | {c['tokens_per_s']:,.0f} | {c['step_time_s']:.3f} | "
-            f"{c['mfu']:.1%} | {c['mfu_best_step']:.1%} | {c['compile_s']:.1f} | {_mib(c.get('compiled_temp_bytes'))} | "
+            f"{c['mfu']:.1%} | {c['mfu_best_step']:.1%} | {c['compile_s']:.1f} | "
+            f"{_mib(c.get('compiled_temp_bytes'))} | "
             f"{_mib(c.get('max_rss_bytes'))} | {c['peak_flops'] / 1e9:,.0f} GFLOP/s "
             f"({c['peak_source']}) | {'; '.join(c['warnings'])} |"
         )
@@ -337,10 +339,12 @@ def main() -> None:
     parser.add_argument("--attentions", nargs="+", default=["xla"])
     parser.add_argument("--compile-layers", nargs="*", type=int, default=[4, 32],
                         help="n_layers of the compile-only cells")
-    parser.add_argument("--compile-sizes", nargs="*", default=["tiny", "25m"], choices=sorted(SIZES))
+    parser.add_argument("--compile-sizes", nargs="*", default=["tiny", "25m"],
+                        choices=sorted(SIZES))
     parser.add_argument("--data-workers", nargs="*", type=int, default=[0, 2],
                         help="data.worker_count values for tools/bench_data.py (none: skip)")
-    parser.add_argument("--host-devices", type=int, default=2, help="CPU devices per cell (0: as is)")
+    parser.add_argument("--host-devices", type=int, default=2,
+                        help="CPU devices per cell (0: as is)")
     parser.add_argument("--glibc-tunables", action="store_true",
                         help="set GLIBC_TUNABLES (raised mmap threshold) in each cell")
     parser.add_argument("--cell-timeout", type=int, default=600)
