@@ -251,10 +251,15 @@ class Transformer(nnx.Module):
         x_BxLxD = self.final_norm(x_BxLxD)
         if self.mlm_head is not None:
             x_BxLxD = self.mlm_head(x_BxLxD)
+        # bf16 inputs, fp32 accumulation and output: logits keep fp32 precision for the loss.
         if self.lm_head is None:
-            logits_BxLxV = self.embed.attend(x_BxLxD).astype(jnp.float32)
+            embedding_VxD = self.embed.embedding[...].astype(x_BxLxD.dtype)
+            logits_BxLxV = jnp.einsum("...D,VD->...V", x_BxLxD, embedding_VxD,
+                                      preferred_element_type=jnp.float32)
         else:
-            logits_BxLxV = self.lm_head(x_BxLxD).astype(jnp.float32)
+            kernel_DxV = self.lm_head.kernel[...].astype(x_BxLxD.dtype)
+            logits_BxLxV = jnp.einsum("...D,DV->...V", x_BxLxD, kernel_DxV,
+                                      preferred_element_type=jnp.float32)
         if self.mlm_head is not None:
             logits_BxLxV = logits_BxLxV + self.mlm_head.bias[...]
         return logits_BxLxV
