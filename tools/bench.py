@@ -71,7 +71,8 @@ def bench(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, args.overrides)
     cfg = resolve(cfg, load_tokenizer(cfg.data.tokenizer))
     setup = make_setup(cfg)
-    state = init_state(setup)
+    # Wait for the (async) init: still running, it would slow and inflate the compile timing.
+    state = jax.block_until_ready(init_state(setup))
     rows, length = cfg.train.batch_size, cfg.data.seq_len
     host_batch = synthetic_batch(rows, length, cfg.model.vocab_size)
     batch = jax.device_put(host_batch, setup.batch_sharding)
