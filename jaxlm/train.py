@@ -180,7 +180,7 @@ def train(
                     if records:
                         bar.set_postfix(loss=f"{records[-1]['loss']:.3f}",
                                         tok_s=f"{pending.tokens_per_s:,.0f}",
-                                        mfu=f"{pending.mfu:.1%}")
+                                        mfu=f"{pending.mfu:.1%}", refresh=False)
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
                     final_eval = evaluator(state["params"], cfg.train.eval_batches)
                     log.write([{"step": step, **{f"eval_{k}": v for k, v in final_eval.items()}}])
