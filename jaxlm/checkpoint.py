@@ -17,7 +17,7 @@ from absl import logging as absl_logging
 from jaxlm.config import CheckpointConfig, Config, apply_override, from_dict, to_dict, validate
 from jaxlm.errors import UserError
 from jaxlm.state import Setup, State, make_setup
-from jaxlm.tokenizer import SENTENCEPIECE_PREFIX, load_tokenizer
+from jaxlm.tokenizer import SENTENCEPIECE_PREFIX, load_tokenizer, sentencepiece_path
 
 RUN_TOKENIZER = "tokenizer.model"  # a run's own copy of its SentencePiece model
 
@@ -50,16 +50,16 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, step: int, setup: Setup, data_iter: Any) -> State:
-        """Restores the full train state onto `setup`'s mesh; `data_iter` is advanced in place."""
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(setup.abstract_sharded("params")),
-                opt=ocp.args.StandardRestore(setup.abstract_sharded("opt")),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
-            ),
-        )
+    def restore(self, step: int, setup: Setup, data_iter: Any | None) -> State:
+        """Restores the full train state onto `setup`'s mesh; `data_iter` is advanced in place
+        (None: the data position is not restored)."""
+        items = {
+            "params": ocp.args.StandardRestore(setup.abstract_sharded("params")),
+            "opt": ocp.args.StandardRestore(setup.abstract_sharded("opt")),
+        }
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return {"params": restored.params, "opt": restored.opt}
 
     def restore_params(self, step: int, setup: Setup) -> Any:
@@ -162,8 +162,20 @@ def init_params_from(spec: str, setup: Setup) -> Any:
     run_dir = Path(run_text).expanduser()
     checkpointer, step = _open_run(run_dir, int(step_text) if step_text else None)
     source_cfg = _run_config(checkpointer, run_dir, step, [])
+    if _tokenizer_identity(source_cfg.data.tokenizer) != _tokenizer_identity(setup.cfg.data.tokenizer):
+        raise UserError(
+            f"init_from {run_dir}@{step}: that run's tokenizer ({source_cfg.data.tokenizer}) differs "
+            f"from data.tokenizer ({setup.cfg.data.tokenizer}); its embeddings would mean other "
+            f"text: use data.tokenizer=sentencepiece:{run_dir / RUN_TOKENIZER} or bytes as it did"
+        )
     source = _shapes(make_setup(source_cfg, jax.devices()[:1]).abstract["params"])
-    for name, shape in _shapes(setup.abstract["params"]).items():
+    target = _shapes(setup.abstract["params"])
+    for name in source.keys() - target.keys():
+        raise UserError(
+            f"init_from {run_dir}@{step}: that run has parameter '{name}' this model lacks "
+            f"(it trained objective {source_cfg.objective}); start from a matching run"
+        )
+    for name, shape in target.items():
         if name not in source:
             raise UserError(
                 f"init_from {run_dir}@{step}: parameter '{name}' does not exist there "
@@ -177,6 +189,12 @@ def init_params_from(spec: str, setup: Setup) -> Any:
     params = checkpointer.restore_params(step, setup)
     checkpointer.close()
     return params
+
+
+def _tokenizer_identity(spec: str) -> bytes:
+    """What a tokenizer is, independent of where its file lives: the model file's bytes."""
+    path = sentencepiece_path(spec)
+    return spec.encode() if path is None else load_tokenizer(spec).path.read_bytes()
 
 
 def _shapes(params: Any) -> dict[str, tuple[int, ...]]:

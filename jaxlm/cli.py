@@ -203,6 +203,8 @@ def _eval(args: argparse.Namespace) -> None:
     split = args.split or cfg.data.eval_split
     evaluator = Evaluator(setup, open_split(cfg.data, split), load_tokenizer(cfg.data.tokenizer))
     result = {"run": str(args.run), "step": step, "split": split, **evaluator(params, args.batches)}
+    if args.pseudo_ppl_examples < 0:
+        raise UserError(f"--pseudo-ppl-examples must be >= 0, got {args.pseudo_ppl_examples}")
     if cfg.objective == "mlm" and args.pseudo_ppl_examples:
         result.update(evaluator.pseudo_perplexity(params, args.pseudo_ppl_examples))
     if jax.process_index() == 0:
@@ -249,6 +251,8 @@ def _fill_mask(args: argparse.Namespace) -> None:
     from jaxlm.objectives import is_causal
     from jaxlm.tokenizer import load_tokenizer
 
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     if MASK_TEXT not in args.text:
         raise UserError(f"fill-mask text has no {MASK_TEXT}; write {MASK_TEXT} where a token is missing")
     cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])

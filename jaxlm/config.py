@@ -304,6 +304,8 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= cfg.data.validation_percent < 100:
         raise UserError("data.validation_percent must be in [0, 100)")
+    if cfg.seed < 0 or cfg.train.pseudo_ppl_examples < 0:
+        raise UserError("seed and train.pseudo_ppl_examples must be >= 0")
     if not 0 < cfg.data.mask_rate < 1:
         raise UserError(f"data.mask_rate must be in (0, 1), got {cfg.data.mask_rate}")
     if cfg.data.worker_count < 0 or cfg.data.prefetch_batches < 0:

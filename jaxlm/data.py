@@ -136,13 +136,11 @@ def _tokenize_fn(tokenizer: Tokenizer) -> Callable[[bytes], Example]:
     return tokenize
 
 
-def _packed(
-    docs: grain.MapDataset, tokenizer: Tokenizer, example_fn: ExampleFn, seq_len: int, stream: int
-) -> grain.IterDataset:
-    """Tokenized, packed rows of one stream; the objective sees (stream, index) to seed its masks."""
+def _packed(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int) -> grain.IterDataset:
+    """Tokenized documents concatenated and cut into rows of `seq_len`."""
     return grain.experimental.ConcatThenSplitIterDataset(
         docs.map(_tokenize_fn(tokenizer)).to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len}
-    ).map_with_index(lambda index, packed: example_fn(packed, (stream, index)))
+    )
 
 
 def _stack(rows: tuple[Example, ...]) -> Example:
@@ -181,6 +179,7 @@ def train_pipeline(
             f"({global_batch}); add documents (or data.split_paragraphs) or lower the batch size"
         )
     local = global_batch // process_count
+    rows = range(process_index * local, (process_index + 1) * local)
     streams = [
         _packed(
             grain.MapDataset.source(source)[row::global_batch]
@@ -188,14 +187,20 @@ def train_pipeline(
             .shuffle()
             .repeat(),
             tokenizer,
-            example_fn,
             seq_len,
-            stream=row,
         )
-        for row in range(process_index * local, (process_index + 1) * local)
+        for row in rows
     ]
-    batches = grain.experimental.ZipIterDataset(streams).map(_stack)
-    return _in_workers(batches, worker_count)
+    packed = _in_workers(grain.experimental.ZipIterDataset(streams).map(_stack), worker_count)
+
+    # The objective runs here, after any workers: batch i holds example i of every row's stream,
+    # so (row, i) keys its masks whatever the worker or process count (workers count apart).
+    def objective(index: int, batch: Example) -> Example:
+        return _stack(tuple(
+            example_fn({k: v[j] for k, v in batch.items()}, (row, index)) for j, row in enumerate(rows)
+        ))
+
+    return packed.map_with_index(objective)
 
 
 def _in_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterDataset:
@@ -238,7 +243,10 @@ def eval_pipeline(
     sample many documents); the last batch is padded, so every document counts once."""
     docs = grain.MapDataset.source(source)[process_index::process_count].seed(seed).shuffle()
     stream = EVAL_STREAM + process_index
-    batches = _packed(docs, tokenizer, example_fn, seq_len, stream).batch(local_batch)
+    examples = _packed(docs, tokenizer, seq_len).map_with_index(
+        lambda index, packed: example_fn(packed, (stream, index))
+    )
+    batches = examples.batch(local_batch)
     return batches.map(lambda b: _pad_batch(b, local_batch))
 
 

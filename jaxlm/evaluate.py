@@ -13,6 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxlm.data import empty_batch, eval_pipeline
+from jaxlm.errors import UserError
 from jaxlm.objectives import example_fn
 from jaxlm.sharding import batch_shards, global_batch
 from jaxlm.state import Setup, make_eval_step
@@ -74,6 +75,9 @@ class Evaluator:
             sums = self.step(params, batch, self.byte_lengths_V)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             count += 1
+        if totals is None:
+            raise UserError(f"nothing to evaluate in split '{self.setup.cfg.data.eval_split}' "
+                            "(no batches, or no rows asked for)")
         return jax.device_get(totals)
 
 

@@ -76,8 +76,9 @@ def measured_matmul_flops(dtype: str, size: int = 1024, repeats: int = 10) -> fl
     return 2.0 * size**3 / best
 
 
-def peak_flops(dtype: str) -> tuple[float, str]:
-    """Peak FLOP/s of all devices for `dtype` compute, and where the number comes from.
+def peak_flops(dtype: str, devices: int | None = None) -> tuple[float, str]:
+    """Peak FLOP/s of `devices` accelerators (default: all) for `dtype` compute, and where the
+    number comes from.
 
     Known accelerators: the table times the device count. Anything else (CPU): a measured matmul
     per process, since a host's simulated devices share its cores.
@@ -85,7 +86,7 @@ def peak_flops(dtype: str) -> tuple[float, str]:
     kind = jax.devices()[0].device_kind
     per_device = table_peak(kind, dtype)
     if per_device is not None:
-        return per_device * jax.device_count(), f"{kind} table, {dtype}"
+        return per_device * (devices or jax.device_count()), f"{kind} table, {dtype}"
     measured = measured_matmul_flops(dtype)
     return measured * jax.process_count(), f"measured {dtype} 1024^3 matmul on {kind}"
 

@@ -43,6 +43,11 @@ SAFE_TO_CHANGE = (
 )
 
 
+# Keys that shape the data stream: the data position saved under other values does not apply
+# (a forced resume after changing one restarts the stream instead of failing to restore it).
+DATA_LAYOUT = ("data.", "train.batch_size", "seed", "objective")
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
@@ -60,7 +65,7 @@ def config_changes(saved: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, A
 
 
 def check_resumable(saved: dict[str, Any], cfg: Config, step: int, force: bool) -> list[str]:
-    """Raises UserError for changes that would alter the experiment; returns the safe ones."""
+    """Raises UserError for changes that would alter the experiment; returns all, described."""
     changes = config_changes(saved, cfg)
     unsafe = [k for k in changes if not k.startswith(SAFE_TO_CHANGE)]
     described = [f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in changes]
@@ -95,8 +100,12 @@ def restore_newest_readable(
             continue
         for change in check_resumable(saved, setup.cfg, step, force):
             log(f"config change accepted on resume: {change}")
+        data_changes = [k for k in config_changes(saved, setup.cfg)
+                        if k.startswith(DATA_LAYOUT) and not k.startswith(SAFE_TO_CHANGE)]
+        if data_changes:  # only with --force-resume: the saved position belongs to other data
+            log(f"the data stream restarts from its beginning ({', '.join(data_changes)} changed)")
         try:
-            state = checkpointer.restore(step, setup, iterator)
+            state = checkpointer.restore(step, setup, None if data_changes else iterator)
         except Exception as err:  # noqa: BLE001 - see above
             _set_aside(checkpointer, step, quarantine, err, log)
             continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Iterable, Literal, Protocol
+from typing import Iterable, Iterator, Literal, Protocol
 
 import numpy as np
 import sentencepiece as spm
@@ -19,6 +19,7 @@ PAD_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID, UNK_ID = range(7)
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>", "<cls>", "<sep>", "<unk>")
 SENTENCEPIECE_PREFIX = "sentencepiece:"
 WORD_BOUNDARY = "\u2581"  # SentencePiece's marker for a piece that starts with a space
+MAX_SENTENCE_CHARS = 16_384  # training input pieces: at most 64 KiB of UTF-8
 
 
 class Tokenizer(Protocol):
@@ -141,6 +142,23 @@ def sentencepiece_path(spec: str) -> Path | None:
     return None
 
 
+def _sentences(texts: Iterable[str]) -> Iterator[str]:
+    """Texts cut at line ends into pieces SentencePiece accepts (it skips longer ones silently)."""
+    for text in texts:
+        piece: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            for start in range(0, len(line), MAX_SENTENCE_CHARS):
+                part = line[start : start + MAX_SENTENCE_CHARS]
+                if size + len(part) > MAX_SENTENCE_CHARS:
+                    yield "".join(piece)
+                    piece, size = [], 0
+                piece.append(part)
+                size += len(part)
+        if piece:
+            yield "".join(piece)
+
+
 def train_sentencepiece(
     texts: Iterable[str],
     output: Path,
@@ -158,7 +176,7 @@ def train_sentencepiece(
     proto = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
+            sentence_iterator=_sentences(texts),
             model_writer=proto,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -173,7 +191,7 @@ def train_sentencepiece(
             add_dummy_prefix=False,
             allow_whitespace_only_pieces=True,
             split_digits=True,
-            max_sentence_length=1 << 16,
+            max_sentence_length=4 * MAX_SENTENCE_CHARS,  # bytes
             input_sentence_size=max_sentences,
             shuffle_input_sentence=True,
             minloglevel=2,

@@ -72,7 +72,7 @@ def keep_tokenizer_copy(cfg: Config, run_dir: Path) -> None:
     elif copy.read_bytes() != source.read_bytes():
         raise UserError(
             f"tokenizer {source} differs from the one this run was trained with ({copy}); "
-            f"set data.tokenizer=sentencepiece:{copy} or use a new train.run_dir"
+            f"put that one back (cp {copy} {source}) or start a new train.run_dir"
         )
 
 
@@ -154,7 +154,7 @@ def train(
     total = cfg.train.steps
     end = min(total, stop_at or total)
     bar = tqdm(total=total, initial=start, unit="step", disable=not (is_main and show_progress))
-    pending = _PendingMetrics(cfg, checkpointer, last_saved=start)
+    pending = _PendingMetrics(cfg, checkpointer, last_saved=start, devices=setup.mesh.size)
     final_eval: dict[str, Any] = {}
     # XLA:CPU can deadlock when several multi-device steps with collectives are in flight at once;
     # CPU gains nothing from running ahead, so there each step is waited for.
@@ -219,13 +219,13 @@ class _PendingMetrics:
     Each group's last record also gets the tokens/s since the previous group (padding included)
     and the MFU that rate means (jaxlm.flops; on CPU the peak is measured here, once)."""
 
-    def __init__(self, cfg: Config, checkpointer: Checkpointer, last_saved: int):
+    def __init__(self, cfg: Config, checkpointer: Checkpointer, last_saved: int, devices: int):
         self.cfg, self.checkpointer, self.last_saved = cfg, checkpointer, last_saved
         self.steps: list[tuple[int, dict[str, jax.Array]]] = []
         self.nonfinite_streak = 0
         self.tokens_per_s = self.mfu = 0.0
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak_flops, _ = peak_flops(cfg.model.compute_dtype)
+        self.peak_flops, _ = peak_flops(cfg.model.compute_dtype, devices)
         self.restart_clock()
 
     def restart_clock(self, after: Any = None) -> None:

@@ -83,5 +83,8 @@ def test_init_from_loads_exact_params_and_names_the_first_mismatch(tiny_cfg, tmp
     _saved_run(clm_source)
     with pytest.raises(UserError, match="'mlm_head.bias' does not exist there.*objective clm"):
         init_params_from(str(clm_source.run_dir), target)
+    clm_target = make_setup(dataclasses.replace(target_cfg, objective="clm"), jax.devices()[:2])
+    with pytest.raises(UserError, match="that run has parameter 'mlm_head.*this model lacks"):
+        init_params_from(str(source_cfg.run_dir), clm_target)
     with pytest.raises(UserError, match="no checkpoint at step 9"):
         init_params_from(f"{source_cfg.run_dir}@9", target)

@@ -92,6 +92,11 @@ def test_mlm_with_sentencepiece_pretrain_eval_fill_mask_and_finetune(tmp_path, c
     first = [r["loss"] for r in read_metrics(finetune / "metrics.jsonl") if "loss" in r][0]
     assert first < losses[0] - 0.5  # starts where pretraining ended, not from scratch
 
+    assert main(["train", *argv, "--set", "data.tokenizer=bytes", "--set", "data.whole_word_mask=false",
+                 "--set", f"init_from={run}",
+                 "--set", f"train.run_dir={tmp_path / 'bytes'}"]) == 2
+    assert "that run's tokenizer" in capsys.readouterr().err  # same shapes, other ids
+
     train_sentencepiece(["other text " * 50], spm_path, vocab_size=400)
     assert main(["train", *argv, "--set", "train.steps=40"]) == 2
     assert "differs from the one this run was trained with" in capsys.readouterr().err

@@ -201,3 +201,19 @@ def test_worker_process_and_device_prefetch_resume_exactly(corpus, cache_dir):
     for want in rest:
         np.testing.assert_array_equal(next(fresh)["inputs"], want["inputs"])
     fresh.close()
+
+
+def test_mlm_masks_with_workers_are_keyed_by_row_and_batch_index(corpus, cache_dir):
+    """Workers each count their own examples; the masks are drawn after them, so batch i row r
+    always gets the mask of key (r, i) and no two workers repeat one."""
+    source = open_split(_cfg(corpus, cache_dir), "train")
+    mlm = mlm_example_fn(seed=5, mask_rate=0.15, tokenizer_vocab=ByteTokenizer.vocab_size)
+    it = iter(_pipeline(source, example=mlm, worker_count=2))
+    for index in range(4):
+        batch = next(it)
+        for row in range(4):
+            packed = {"tokens": batch["targets"][row], "tokens_segment_ids": batch["segment_ids"][row],
+                      "tokens_positions": batch["positions"][row]}
+            np.testing.assert_array_equal(batch["weights"][row], mlm(packed, (row, index))["weights"])
+            np.testing.assert_array_equal(batch["inputs"][row], mlm(packed, (row, index))["inputs"])
+    it.close()

@@ -97,3 +97,8 @@ def test_config_edits_on_resume(tiny_cfg, capsys):
     train(tiny_cfg, show_progress=False)  # steps 3 -> 6: safe
     assert "config change accepted on resume: train.steps: 3 -> 6" in capsys.readouterr().err
     assert sorted(_losses(tiny_cfg.run_dir)) == list(range(1, 7))
+    workers = dataclasses.replace(workers, train=dataclasses.replace(tiny_cfg.train, steps=8))
+    train(workers, show_progress=False, force_resume=True)  # the old data position cannot apply
+    assert "data stream restarts from its beginning (data.worker_count changed)" in capsys.readouterr().err
+    assert sorted(_losses(tiny_cfg.run_dir)) == list(range(1, 9))
+    assert not (tiny_cfg.run_dir / "quarantine").exists()

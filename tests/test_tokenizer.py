@@ -73,3 +73,12 @@ def test_bad_tokenizer_specs(tmp_path):
         load_tokenizer(f"sentencepiece:{tmp_path}/junk.model")
     with pytest.raises(UserError, match="unknown data.tokenizer 'words'"):
         load_tokenizer("words")
+
+
+def test_long_documents_reach_sentencepiece_in_pieces_it_accepts():
+    from jaxlm.tokenizer import MAX_SENTENCE_CHARS, _sentences
+
+    text = ("x = 1\n" * 5000) + "y" * (2 * MAX_SENTENCE_CHARS + 7)
+    pieces = list(_sentences([text, "short"]))
+    assert "".join(pieces[:-1]) == text and pieces[-1] == "short"
+    assert max(map(len, pieces)) <= MAX_SENTENCE_CHARS and all(pieces)
