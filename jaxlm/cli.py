@@ -196,6 +196,8 @@ def _eval(args: argparse.Namespace) -> None:
     from jaxlm.evaluate import Evaluator
     from jaxlm.tokenizer import load_tokenizer
 
+    if args.pseudo_ppl_examples is not None and args.pseudo_ppl_examples < 0:
+        raise UserError(f"--pseudo-ppl-examples must be >= 0, got {args.pseudo_ppl_examples}")
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     cfg, setup, params, step = load_run(args.run, args.step, args.overrides)
     if args.pseudo_ppl_examples is None:
@@ -203,8 +205,6 @@ def _eval(args: argparse.Namespace) -> None:
     split = args.split or cfg.data.eval_split
     evaluator = Evaluator(setup, open_split(cfg.data, split), load_tokenizer(cfg.data.tokenizer))
     result = {"run": str(args.run), "step": step, "split": split, **evaluator(params, args.batches)}
-    if args.pseudo_ppl_examples < 0:
-        raise UserError(f"--pseudo-ppl-examples must be >= 0, got {args.pseudo_ppl_examples}")
     if cfg.objective == "mlm" and args.pseudo_ppl_examples:
         result.update(evaluator.pseudo_perplexity(params, args.pseudo_ppl_examples))
     if jax.process_index() == 0:

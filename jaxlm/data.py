@@ -143,7 +143,7 @@ def _packed(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int) -> grain
     )
 
 
-def _stack(rows: tuple[Example, ...]) -> Example:
+def stack_rows(rows: tuple[Example, ...] | list[Example]) -> Example:
     return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
 
@@ -191,12 +191,12 @@ def train_pipeline(
         )
         for row in rows
     ]
-    packed = _in_workers(grain.experimental.ZipIterDataset(streams).map(_stack), worker_count)
+    packed = _in_workers(grain.experimental.ZipIterDataset(streams).map(stack_rows), worker_count)
 
     # The objective runs here, after any workers: batch i holds example i of every row's stream,
     # so (row, i) keys its masks whatever the worker or process count (workers count apart).
     def objective(index: int, batch: Example) -> Example:
-        return _stack(tuple(
+        return stack_rows(tuple(
             example_fn({k: v[j] for k, v in batch.items()}, (row, index)) for j, row in enumerate(rows)
         ))
 
@@ -247,11 +247,11 @@ def eval_pipeline(
         lambda index, packed: example_fn(packed, (stream, index))
     )
     batches = examples.batch(local_batch)
-    return batches.map(lambda b: _pad_batch(b, local_batch))
+    return batches.map(lambda b: pad_batch(b, local_batch))
 
 
-def _pad_batch(batch: Example, rows: int) -> Example:
-    """Pads a short final eval batch with all-padding rows."""
+def pad_batch(batch: Example, rows: int) -> Example:
+    """Pads a short batch with all-padding rows (they count for nothing)."""
     missing = rows - len(batch["inputs"])
     if missing == 0:
         return batch

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm.data import empty_batch, eval_pipeline
+from jaxlm.data import empty_batch, eval_pipeline, pad_batch, stack_rows
 from jaxlm.errors import UserError
 from jaxlm.objectives import example_fn
 from jaxlm.sharding import batch_shards, global_batch
@@ -42,9 +42,8 @@ class Evaluator:
         examples = (ex for batch in self._batches() for ex in _rows(batch))
         chosen = [ex for ex, _ in zip(examples, range(local_rows))]
         totals = self._totals(params, _one_mask_per_row(chosen, self.global_rows // jax.process_count()))
-        loss = float(totals["loss_sum"]) / max(float(totals["weight_sum"]), 1.0)
-        return {"pseudo_perplexity": math.exp(min(loss, 700.0)),
-                "pseudo_perplexity_tokens": int(totals["weight_sum"])}
+        summary = summarize(totals)
+        return {"pseudo_perplexity": summary["perplexity"], "pseudo_perplexity_tokens": summary["tokens"]}
 
     def _batches(self) -> Iterator[Batch]:
         cfg = self.setup.cfg
@@ -98,11 +97,10 @@ def _one_mask_per_row(examples: list[Batch], rows_per_batch: int) -> Iterator[Ba
             inputs[position], weights[position] = MASK_ID, 1.0
             copies.append({**ex, "inputs": inputs, "weights": weights})
             if len(copies) == rows_per_batch:
-                yield {k: np.stack([c[k] for c in copies]) for k in copies[0]}
+                yield stack_rows(copies)
                 copies = []
     if copies:
-        pad = empty_batch(rows_per_batch - len(copies), len(copies[0]["inputs"]))
-        yield {k: np.concatenate([np.stack([c[k] for c in copies]), pad[k]]) for k in copies[0]}
+        yield pad_batch(stack_rows(copies), rows_per_batch)
 
 
 def _any_process_has_data(has_data: bool) -> bool:

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxlm.errors import UserError
 from jaxlm.state import Setup
-from jaxlm.tokenizer import BOS_ID, EOS_ID, MASK_ID, SPECIAL_TOKENS, Tokenizer
+from jaxlm.tokenizer import BOS_ID, EOS_ID, MASK_ID, SPECIAL_TOKENS, Tokenizer, unusable_ids
 
 MASK_TEXT = "[MASK]"
 
@@ -49,9 +49,7 @@ def fill_mask(
     tokens_1xL[0, : len(ids_L)] = ids_L
     segment_ids_1xL = (np.arange(length) < len(ids_L)).astype(np.int32)[None]
     positions_1xL = np.arange(length, dtype=np.int32)[None]
-    # Specials and ids past the tokenizer's vocabulary are never answers.
-    banned_V = np.arange(setup.cfg.model.vocab_size) >= tokenizer.vocab_size
-    banned_V[: len(SPECIAL_TOKENS)] = True
+    banned_V = unusable_ids(setup.cfg.model.vocab_size, tokenizer)  # never answers
     k = min(top_k, tokenizer.vocab_size - len(SPECIAL_TOKENS))
 
     @jax.jit

@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxlm.model import KVCache
 from jaxlm.state import Setup
-from jaxlm.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer
+from jaxlm.tokenizer import BOS_ID, EOS_ID, Tokenizer, unusable_ids
 
 MIN_BUCKET = 16
 
@@ -51,8 +51,7 @@ def sample_logits(
 
 def banned_tokens(model_vocab: int, tokenizer: Tokenizer) -> np.ndarray:
     """Never sampled: specials other than EOS, and ids past the tokenizer's vocabulary."""
-    banned_V = np.arange(model_vocab) >= tokenizer.vocab_size
-    banned_V[: len(SPECIAL_TOKENS)] = True
+    banned_V = unusable_ids(model_vocab, tokenizer)
     banned_V[EOS_ID] = False
     return banned_V
 

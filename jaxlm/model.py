@@ -150,16 +150,17 @@ class Block(nnx.Module):
         self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array, causal: bool
     ) -> Array:
         attn_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, causal)
-        x_BxLxD = x_BxLxD + attn_BxLxD
-        return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+        return self._mlp_residual(x_BxLxD + attn_BxLxD)
 
     def cached(
         self, x_BxTxD: Array, positions_BxT: Array, cache: KVCache, layer: Array
     ) -> tuple[Array, KVCache]:
         """The block for generation: attention reads and updates `layer` of the KV cache."""
         attn_BxTxD, cache = self.attn.cached(self.attn_norm(x_BxTxD), positions_BxT, cache, layer)
-        x_BxTxD = x_BxTxD + attn_BxTxD
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
+        return self._mlp_residual(x_BxTxD + attn_BxTxD), cache
+
+    def _mlp_residual(self, x_BxLxD: Array) -> Array:
+        return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
 
 
 class Transformer(nnx.Module):
@@ -251,15 +252,10 @@ class Transformer(nnx.Module):
         x_BxLxD = self.final_norm(x_BxLxD)
         if self.mlm_head is not None:
             x_BxLxD = self.mlm_head(x_BxLxD)
+        decoder_VxD = self.embed.embedding[...] if self.lm_head is None else self.lm_head.kernel[...].T
         # bf16 inputs, fp32 accumulation and output: logits keep fp32 precision for the loss.
-        if self.lm_head is None:
-            embedding_VxD = self.embed.embedding[...].astype(x_BxLxD.dtype)
-            logits_BxLxV = jnp.einsum("...D,VD->...V", x_BxLxD, embedding_VxD,
-                                      preferred_element_type=jnp.float32)
-        else:
-            kernel_DxV = self.lm_head.kernel[...].astype(x_BxLxD.dtype)
-            logits_BxLxV = jnp.einsum("...D,DV->...V", x_BxLxD, kernel_DxV,
-                                      preferred_element_type=jnp.float32)
+        logits_BxLxV = jnp.einsum("...D,VD->...V", x_BxLxD, decoder_VxD.astype(x_BxLxD.dtype),
+                                  preferred_element_type=jnp.float32)
         if self.mlm_head is not None:
             logits_BxLxV = logits_BxLxV + self.mlm_head.bias[...]
         return logits_BxLxV

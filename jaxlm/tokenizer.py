@@ -126,6 +126,13 @@ class SentencePieceTokenizer:
         return self.model.id_to_piece(int(token_id)).replace(WORD_BOUNDARY, " ")
 
 
+def unusable_ids(model_vocab: int, tokenizer: Tokenizer) -> np.ndarray:
+    """Per id of the model's (padded) vocabulary: a special, or past the tokenizer's ids."""
+    unusable_V = np.arange(model_vocab) >= tokenizer.vocab_size
+    unusable_V[: len(SPECIAL_TOKENS)] = True
+    return unusable_V
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
     """Builds the tokenizer a config's `data.tokenizer` names: bytes | sentencepiece:PATH."""
     if spec == "bytes":

@@ -1,5 +1,3 @@
-import dataclasses
-
 import grain
 import jax
 import numpy as np

@@ -7,7 +7,6 @@ import pytest
 from jaxlm.checkpoint import Checkpointer, load_run
 from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.metrics import read_metrics
-from jaxlm.state import make_setup
 from jaxlm.train import train
 
 
