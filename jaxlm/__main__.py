@@ -1,5 +1,3 @@
-import sys
+from jaxlm.cli import run_main
 
-from jaxlm.cli import main
-
-sys.exit(main())
+run_main()

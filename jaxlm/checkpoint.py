@@ -1,25 +1,116 @@
-"""Orbax checkpoints of a run: params, optimizer state, grain iterator and resolved config.
+"""Orbax adapter: a run's checkpoints (params, optimizer state, grain iterator, config, dataset
+manifest) and what can go wrong reading or writing them.
 
 Items are saved separately so evaluation restores params alone; every restore goes through an
 abstract target built for the *current* mesh, so a checkpoint restores onto any device layout.
+Failures are classified here, where Orbax's and TensorStore's errors are understood:
+`CheckpointDamaged` (bytes lost or torn: safe to set aside), `CheckpointMismatch` (a readable
+checkpoint of another model or layout: never set aside) and `CheckpointWriteFailed`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 
-from jaxlm.config import CheckpointConfig, Config, apply_override, from_dict, to_dict, validate
-from jaxlm.errors import UserError
-from jaxlm.state import Setup, State, make_setup
-from jaxlm.tokenizer import SENTENCEPIECE_PREFIX, load_tokenizer, sentencepiece_path
+from jaxlm.config import CheckpointConfig, Config, to_dict
+from jaxlm.errors import TrainingStopped, UserError
+from jaxlm.state import Setup, State
 
-RUN_TOKENIZER = "tokenizer.model"  # a run's own copy of its SentencePiece model
+# TensorStore reports storage problems as ValueError("STATUS: ..."); these mean lost or torn bytes.
+_LOSS_STATUSES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
+_STATE_ITEMS = ("params", "opt")
+
+
+class CheckpointDamaged(Exception):
+    """Bytes of a checkpoint are missing or torn; the message is the first line of the cause."""
+
+
+class CheckpointMismatch(UserError):
+    """A readable checkpoint that does not fit the model being restored (other shapes or items)."""
+
+
+class CheckpointWriteFailed(TrainingStopped):
+    """A checkpoint could not be written (disk full, permissions, storage errors)."""
+
+
+def _chain(err: BaseException | None):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _status(err: BaseException) -> str | None:
+    """TensorStore's status code at the start of a ValueError's message, if there is one."""
+    head = str(err).split(":", 1)[0]
+    is_status = isinstance(err, ValueError) and head.isupper() and head.replace("_", "").isalpha()
+    return head if is_status else None
+
+
+def data_loss(err: BaseException) -> BaseException | None:
+    """The cause in `err`'s chain that means a checkpoint's bytes are lost or torn, if any."""
+    for cause in _chain(err):
+        if isinstance(cause, json.JSONDecodeError):
+            return cause
+        if isinstance(cause, OSError) and not isinstance(cause, PermissionError):
+            return cause
+        if _status(cause) in _LOSS_STATUSES:
+            return cause
+    return None
+
+
+def storage_failure(err: BaseException) -> BaseException | None:
+    """The cause in `err`'s chain that is a storage error (OSError or a TensorStore status)."""
+    return next((c for c in _chain(err) if isinstance(c, OSError) or _status(c)), None)
+
+
+def first_line(err: BaseException) -> str:
+    """A short description: TensorStore's status with the OS error it ends in, else the first line."""
+    text = str(err).strip()
+    os_error = re.search(r": ([^:]+?) \[os_error_code=", text)
+    if _status(err) and os_error:
+        return f"{_status(err)}: {os_error.group(1)}"
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+class _StorageErrors(logging.Filter):
+    """Drops log records of storage errors, keeping the first: Orbax's background save thread logs
+    (and otherwise swallows) the one that failed a save, and after a failed read or write its
+    leftover asyncio futures log theirs; the run reports the cause in one line instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: BaseException | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and storage_failure(exc) is not None:
+            self.error = self.error or exc
+            return False
+        return True
+
+
+def _ignore_closed_loop(unraisable: Any, previous: Callable = sys.unraisablehook) -> None:
+    """After a failed read or write, Orbax's futures call into its closed event loop at exit."""
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)):
+        previous(unraisable)
+
+
+def _quiet_leftovers() -> None:
+    """Once a read or write failed, the leftovers of Orbax's async I/O stay quiet for good."""
+    logging.getLogger("asyncio").addFilter(_StorageErrors())
+    sys.unraisablehook = _ignore_closed_loop
 
 
 class Checkpointer:
@@ -33,47 +124,114 @@ class Checkpointer:
         )
         self.directory = directory.absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unconfirmed: int | None = None  # the last step saved, until it is seen committed
+        self._errors = _StorageErrors()
+        logging.getLogger("absl").addFilter(self._errors)
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+    # ------------------------------------------------------------ writing
 
-    def save(self, step: int, state: State, data_iter: Any, cfg: Config) -> None:
+    def save(self, step: int, state: State, data_iter: Any, cfg: Config,
+             dataset: dict[str, Any] | None = None) -> None:
         """Starts an (async) save; arrays are copied off the devices before this returns."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state["params"]),
-                opt=ocp.args.StandardSave(state["opt"]),
-                data=grain.checkpoint.CheckpointSave(data_iter),
-                config=ocp.args.JsonSave(to_dict(cfg)),
-            ),
-            force=True,
-        )
+        self.check_saves()
+        items = {
+            "params": ocp.args.StandardSave(state["params"]),
+            "opt": ocp.args.StandardSave(state["opt"]),
+            "data": grain.checkpoint.CheckpointSave(data_iter),
+            "config": ocp.args.JsonSave(to_dict(cfg)),
+        }
+        if dataset is not None:
+            items["dataset"] = ocp.args.JsonSave(dataset)
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as err:  # noqa: BLE001 - narrowed to storage errors just below
+            self._raise_write_failure(step, err)
+        self._unconfirmed = step
+
+    def check_saves(self) -> None:
+        """Raises CheckpointWriteFailed once a finished background save turns out not written."""
+        step = self._unconfirmed
+        if step is None or self._manager.is_saving_in_progress():
+            return
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - narrowed to storage errors just below
+            self._raise_write_failure(step, err)
+        self._manager.reload()
+        if self._errors.error is not None or step not in self._manager.all_steps():
+            self._raise_write_failure(step, self._errors.error)
+        self._unconfirmed = None
+
+    def wait(self) -> None:
+        """Blocks until the last save is written; raises CheckpointWriteFailed if it was not."""
+        self._manager.wait_until_finished()
+        self.check_saves()
+
+    def _raise_write_failure(self, step: int, err: BaseException | None) -> None:
+        cause = storage_failure(err) if err is not None else None
+        if err is not None and cause is None:
+            raise err  # not a storage problem: a bug, with its traceback
+        _quiet_leftovers()
+        why = first_line(cause) if cause is not None else "the save did not complete"
+        earlier = [s for s in self._manager.all_steps() if s < step]
+        kept = (f"checkpoint {max(earlier)} in {self.directory} is intact" if earlier
+                else "no earlier checkpoint exists")
+        raise CheckpointWriteFailed(f"writing checkpoint {step} failed ({why}); the run stopped; "
+                                    f"{kept}") from None
+
+    # ------------------------------------------------------------ reading
 
     def restore(self, step: int, setup: Setup, data_iter: Any | None) -> State:
-        """Restores the full train state onto `setup`'s mesh; `data_iter` is advanced in place
-        (None: the data position is not restored)."""
-        items = {
-            "params": ocp.args.StandardRestore(setup.abstract_sharded("params")),
-            "opt": ocp.args.StandardRestore(setup.abstract_sharded("opt")),
-        }
+        """The full train state on `setup`'s mesh; `data_iter` is advanced in place (None: the data
+        position is not restored). Raises CheckpointDamaged or CheckpointMismatch."""
+        items = {part: self._state_item(step, setup, part) for part in _STATE_ITEMS}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._read(step, items)
         return {"params": restored.params, "opt": restored.opt}
 
     def restore_params(self, step: int, setup: Setup) -> Any:
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(setup.abstract_sharded("params"))
-            ),
-        )
-        return restored.params
+        return self._read(step, {"params": self._state_item(step, setup, "params")}).params
 
     def restore_config_dict(self, step: int) -> dict[str, Any]:
-        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return restored.config
+        return self._read(step, {"config": ocp.args.JsonRestore()}).config
+
+    def restore_dataset(self, step: int) -> dict[str, Any] | None:
+        """The dataset manifest saved with the checkpoint (None: saved before manifests existed)."""
+        if not (self.step_dir(step) / "dataset").is_dir():
+            return None
+        return self._read(step, {"dataset": ocp.args.JsonRestore()}).dataset
+
+    def _state_item(self, step: int, setup: Setup, part: str) -> Any:
+        """The restore args of one state item, after checking the saved shapes fit the model."""
+        directory = self.step_dir(step) / part
+        if not directory.is_dir():
+            raise CheckpointMismatch(
+                f"checkpoint {step} in {self.directory} has no '{part}' item: it was written by "
+                "another layout; start a new train.run_dir"
+            )
+        target = setup.abstract_sharded(part)
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(directory)
+        except Exception as err:  # noqa: BLE001 - narrowed by data_loss just below
+            self._raise_read_failure(step, err)
+        _check_same_shapes(step, part, shapes(saved), shapes(target))
+        return ocp.args.StandardRestore(target)
+
+    def _read(self, step: int, items: dict[str, Any]) -> Any:
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as err:  # noqa: BLE001 - narrowed by data_loss just below
+            self._raise_read_failure(step, err)
+
+    def _raise_read_failure(self, step: int, err: Exception) -> None:
+        cause = data_loss(err)
+        if cause is None:
+            raise err
+        _quiet_leftovers()
+        raise CheckpointDamaged(first_line(cause)) from err
+
+    # ------------------------------------------------------------ the directory
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -89,118 +247,42 @@ class Checkpointer:
         """True on every process once a (multi-host) preemption notice arrived."""
         return self._manager.reached_preemption(step)
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
-        self._manager.close()
+        """Waits for the last async save; raises CheckpointWriteFailed if it was not written."""
+        try:
+            self.check_saves()
+        finally:
+            self._manager.close()
+            logging.getLogger("absl").removeFilter(self._errors)
 
 
-def _open_run(run_dir: Path, step: int | None) -> tuple[Checkpointer, int]:
-    """A read-only checkpointer on a run and the step to read (default: the latest)."""
-    directory = run_dir / "checkpoints"
-    if not directory.is_dir():
-        raise UserError(f"{run_dir} holds no checkpoints; pass the run_dir of a `jaxlm train` run")
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns that read-only is read-only
-    checkpointer = Checkpointer(directory, CheckpointConfig(), read_only=True)
-    steps = checkpointer.all_steps()
-    if not steps:
-        raise UserError(f"{directory} holds no complete checkpoint yet")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise UserError(f"{run_dir} has no checkpoint at step {step}; it has {sorted(steps)}")
-    return checkpointer, step
-
-
-def _run_config(checkpointer: Checkpointer, run_dir: Path, step: int, overrides: list[str]) -> Config:
-    """The run's saved config, data-parallel on this machine, its tokenizer the run's own copy."""
-    raw = checkpointer.restore_config_dict(step)
-    raw["mesh"]["axes"] = {name: 1 for name in raw["mesh"]["axes"]} | {"data": -1}
-    if (run_dir / RUN_TOKENIZER).exists():
-        raw["data"]["tokenizer"] = f"{SENTENCEPIECE_PREFIX}{run_dir / RUN_TOKENIZER}"
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    cfg = from_dict(Config, raw)
-    validate(cfg)
-    tokenizer_vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
-    if tokenizer_vocab > cfg.model.vocab_size:
-        raise UserError(
-            f"tokenizer {cfg.data.tokenizer} has {tokenizer_vocab} ids but the checkpoint in "
-            f"{run_dir} has model.vocab_size {cfg.model.vocab_size}; use the run's own tokenizer"
-        )
-    return cfg
-
-
-def load_run(
-    run_dir: Path,
-    step: int | None = None,
-    overrides: list[str] = (),
-    devices: list[jax.Device] | None = None,
-) -> tuple[Config, Setup, Any, int]:
-    """Config, setup and params of a run's checkpoint, laid out on `devices` (default: all).
-
-    The run's own mesh may not fit here (a pod checkpoint on a laptop), so params are restored
-    data-parallel; `overrides` apply on top of the saved config.
-    """
-    checkpointer, step = _open_run(run_dir, step)
-    cfg = _run_config(checkpointer, run_dir, step, overrides)
-    setup = make_setup(cfg, devices)
-    params = checkpointer.restore_params(step, setup)
-    checkpointer.close()
-    return cfg, setup, params, step
-
-
-def init_params_from(spec: str, setup: Setup) -> Any:
-    """Params of checkpoint `RUN_DIR[@STEP]` laid out for `setup` (pretrain -> fine-tune).
-
-    Every parameter must exist in both models with the same shape; the first that does not is
-    named in the error.
-    """
-    run_text, _, step_text = spec.rpartition("@") if "@" in spec else (spec, "", "")
-    if step_text and not step_text.isdigit():
-        raise UserError(f"init_from '{spec}' must look like RUN_DIR or RUN_DIR@STEP")
-    run_dir = Path(run_text).expanduser()
-    checkpointer, step = _open_run(run_dir, int(step_text) if step_text else None)
-    source_cfg = _run_config(checkpointer, run_dir, step, [])
-    if _tokenizer_identity(source_cfg.data.tokenizer) != _tokenizer_identity(setup.cfg.data.tokenizer):
-        raise UserError(
-            f"init_from {run_dir}@{step}: that run's tokenizer ({source_cfg.data.tokenizer}) differs "
-            f"from data.tokenizer ({setup.cfg.data.tokenizer}); its embeddings would mean other "
-            f"text: use data.tokenizer=sentencepiece:{run_dir / RUN_TOKENIZER} or bytes as it did"
-        )
-    source = _shapes(make_setup(source_cfg, jax.devices()[:1]).abstract["params"])
-    target = _shapes(setup.abstract["params"])
-    for name in source.keys() - target.keys():
-        raise UserError(
-            f"init_from {run_dir}@{step}: that run has parameter '{name}' this model lacks "
-            f"(it trained objective {source_cfg.objective}); start from a matching run"
-        )
-    for name, shape in target.items():
-        if name not in source:
-            raise UserError(
-                f"init_from {run_dir}@{step}: parameter '{name}' does not exist there "
-                f"(that run trained objective {source_cfg.objective}); start from a matching run"
+def _check_same_shapes(step: int, part: str, saved: dict[str, tuple], wanted: dict[str, tuple]) -> None:
+    what = "parameter" if part == "params" else "optimizer state"
+    for name, shape in wanted.items():
+        if name not in saved:
+            raise CheckpointMismatch(
+                f"checkpoint {step} has no {what} '{name}': it belongs to another model or "
+                "optimizer; start a new train.run_dir or restore the config it was trained with"
             )
-        if source[name] != shape:
-            raise UserError(
-                f"init_from {run_dir}@{step}: parameter '{name}' has shape {source[name]} there "
-                f"but {shape} here; match the model config (and tokenizer) of that run"
+        if saved[name] != shape:
+            raise CheckpointMismatch(
+                f"checkpoint {step} has {what} '{name}' of shape {saved[name]}, this model "
+                f"{shape}; --force-resume cannot change shapes: start a new train.run_dir "
+                "(init_from can start it from this run)"
             )
-    params = checkpointer.restore_params(step, setup)
-    checkpointer.close()
-    return params
+    for name in saved.keys() - wanted.keys():
+        raise CheckpointMismatch(
+            f"checkpoint {step} has {what} '{name}' this model lacks; start a new train.run_dir "
+            "or restore the config it was trained with"
+        )
 
 
-def _tokenizer_identity(spec: str) -> bytes:
-    """What a tokenizer is, independent of where its file lives: the model file's bytes."""
-    path = sentencepiece_path(spec)
-    return spec.encode() if path is None else load_tokenizer(spec).path.read_bytes()
-
-
-def _shapes(params: Any) -> dict[str, tuple[int, ...]]:
-    """Dotted parameter path -> shape."""
+def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """Dotted path -> shape of every array leaf (nnx.Variable's `value` level left out)."""
     shapes = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        shapes[".".join(n for n in names if n != "value")] = tuple(leaf.shape)  # nnx.Variable.value
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not hasattr(leaf, "shape"):
+            continue
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        shapes[".".join(n for n in names if n != "value")] = tuple(leaf.shape)
     return shapes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.dry_run:
         from jaxlm.dryrun import dry_run
         from jaxlm.tokenizer import load_tokenizer
-        from jaxlm.train import resolve
+        from jaxlm.run import resolve
 
         dry_run(resolve(cfg, load_tokenizer(cfg.data.tokenizer)))
         return
@@ -191,7 +192,7 @@ def _eval(args: argparse.Namespace) -> None:
     import jax
 
     from jaxlm import distributed
-    from jaxlm.checkpoint import load_run
+    from jaxlm.run import load_run
     from jaxlm.data import open_split
     from jaxlm.evaluate import Evaluator
     from jaxlm.tokenizer import load_tokenizer
@@ -214,7 +215,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import jax
 
-    from jaxlm.checkpoint import load_run
+    from jaxlm.run import load_run
     from jaxlm.generate import generate
     from jaxlm.objectives import is_causal
     from jaxlm.tokenizer import load_tokenizer
@@ -246,7 +247,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _fill_mask(args: argparse.Namespace) -> None:
     import jax
 
-    from jaxlm.checkpoint import load_run
+    from jaxlm.run import load_run
     from jaxlm.fill_mask import MASK_TEXT, fill_mask
     from jaxlm.objectives import is_causal
     from jaxlm.tokenizer import load_tokenizer
@@ -296,3 +297,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxlm: stopped: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_main() -> None:
+    """Console entry point. After a stopped run everything of ours is closed and written, but a
+    failed Orbax write can leave its I/O threads behind, which would print tracebacks while the
+    interpreter shuts down: exit without that shutdown."""
+    code = main()
+    if code == 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

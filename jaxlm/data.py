@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -57,14 +58,17 @@ def _fixed_prefix(pattern: Path) -> Path:
     return Path(*parts[: max(fixed, 1)])
 
 
-def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
-    """The builder of a jaxlm corpus, built into the cache on first use."""
+def _corpus(cfg: DataConfig) -> tuple[type, CorpusConfig]:
     if cfg.dataset == "python_stdlib":
-        builder_cls, corpus = PythonStdlib, PythonStdlib.make_config(
+        return PythonStdlib, PythonStdlib.make_config(
             PythonStdlib.default_root(), ("**/*.py",), validation_percent=cfg.validation_percent
         )
-    else:
-        builder_cls, corpus = TextFiles, _text_files_config(cfg)
+    return TextFiles, _text_files_config(cfg)
+
+
+def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+    """The builder of a jaxlm corpus, built into the cache on first use."""
+    builder_cls, corpus = _corpus(cfg)
     if not builder_cls.documents(corpus):
         raise UserError(f"data.dataset {cfg.dataset}: the corpus is empty; point data.paths at text")
     absl_logging.set_verbosity(absl_logging.ERROR)
@@ -257,3 +261,16 @@ def pad_batch(batch: Example, rows: int) -> Example:
         return batch
     pad = empty_batch(missing, batch["inputs"].shape[1])
     return {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
+
+
+def dataset_manifest(cfg: DataConfig) -> dict[str, Any] | None:
+    """What a checkpoint's data position refers to: each source file's content digest by its
+    corpus-relative path (None for TFDS catalog datasets, which are versioned by TFDS)."""
+    if cfg.dataset not in ("python_stdlib", "text_files"):
+        return None
+    builder_cls, corpus = _corpus(cfg)
+    files = {
+        str(path.relative_to(corpus.root)): hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        for path in builder_cls.files(corpus)
+    }
+    return {"dataset": cfg.dataset, "files": files}

@@ -1,44 +1,78 @@
 """Run metrics, written by process 0 only: one JSON object per line in <run_dir>/metrics.jsonl, and
-the same scalars as TensorBoard events in <run_dir>/tensorboard (train/* and eval/* tags)."""
+the same scalars as TensorBoard events in <run_dir>/tensorboard (train/* and eval/* tags).
+
+Both are written synchronously from the training thread and flushed per group of records, so a
+failing disk (ENOSPC) stops the run at once with one line instead of a background writer thread
+dying and the next write blocking for ever.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
-from tensorboardX import SummaryWriter
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.summary import scalar
+
+from jaxlm.errors import TrainingStopped
 
 
 class MetricsLog:
     def __init__(self, path: Path, *, enabled: bool, resume_step: int,
                  tensorboard_dir: Path | None = None):
-        """Opens the log; records past `resume_step` (written after the checkpoint that is being
-        resumed) are dropped so curves never hold the same step twice (TensorBoard purges them)."""
+        """Opens the log of a run restored at `resume_step` (0: a fresh start). Records past it
+        (written after that checkpoint) are dropped so curves never hold the same step twice;
+        TensorBoard hides its own past that step (purge)."""
         self.path, self.enabled = path, enabled
-        if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
-            path.write_text("".join(f"{line}\n" for line in kept))
-        self._board = None
-        if enabled and tensorboard_dir is not None:
-            self._board = SummaryWriter(
-                str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None
-            )
+        self._board: EventsWriter | None = None
+        if not enabled:
+            return
+        try:
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+                path.write_text("".join(f"{line}\n" for line in kept))
+            if tensorboard_dir is not None:
+                tensorboard_dir.mkdir(parents=True, exist_ok=True)
+                self._board = EventsWriter(str(tensorboard_dir / "events"))
+                if resume_step:
+                    self._board.write_event(Event(step=resume_step + 1,
+                                                  session_log=SessionLog(status=SessionLog.START)))
+        except OSError as err:
+            raise TrainingStopped(f"opening the metrics of {path.parent} failed ({err.strerror}); "
+                                  "free space or fix permissions, then run the same command") from None
 
     def write(self, records: list[dict[str, Any]]) -> None:
         if not self.enabled or not records:
             return
-        with self.path.open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        if self._board is not None:
-            for record in records:
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                        self._board.add_scalar(_tag(key), value, record["step"])
+        try:
+            with self.path.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            if self._board is not None:
+                for record in records:
+                    self._add_scalars(record)
+                self._board.flush()
+        except OSError as err:
+            raise TrainingStopped(
+                f"writing metrics of step {records[-1].get('step')} to {self.path.parent} failed "
+                f"({err.strerror}); the run stopped, its checkpoints are untouched"
+            ) from None
+
+    def _add_scalars(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._board.write_event(Event(wall_time=time.time(), step=record["step"],
+                                              summary=scalar(_tag(key), value)))
 
     def close(self) -> None:
         if self._board is not None:
-            self._board.close()
+            board, self._board = self._board, None
+            try:
+                board.close()
+            except OSError:
+                pass  # the write that failed already stopped the run with its message
 
 
 def _tag(key: str) -> str:

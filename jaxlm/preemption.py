@@ -1,4 +1,5 @@
 """Graceful stop on SIGTERM/SIGINT: finish the step, checkpoint, exit 0; a second signal aborts.
+During setup (before the first step) there is nothing to save: the first signal stops at once.
 
 With several processes JAX's own preemption notifier owns SIGTERM and Orbax's
 `reached_preemption(step)` makes every process agree on the step to save at, so the local handlers
@@ -14,6 +15,8 @@ from types import FrameType
 
 import jax
 
+from jaxlm.errors import TrainingStopped
+
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -22,7 +25,12 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self._in_setup = True
         self._previous: dict[int, object] = {}
+
+    def setup_done(self) -> None:
+        """From now on a signal asks for a checkpoint at the end of the step under way."""
+        self._in_setup = False
 
     def __enter__(self) -> "StopRequest":
         if jax.process_count() == 1:
@@ -34,6 +42,9 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._in_setup:
+            raise TrainingStopped(f"{signal.Signals(signum).name} during setup: stopped before the "
+                                  "first step; nothing was lost, run the same command to start")
         if self.requested:  # second signal: die the way the signal would have killed us
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)

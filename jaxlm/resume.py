@@ -1,24 +1,28 @@
-"""Deciding what a restart may continue from: config changes and unreadable checkpoints.
+"""Where a training start begins: the newest checkpoint that restores, or a fresh (or `init_from`)
+state. One function, `initial_state`, decides it.
 
 A resumed run must be the same experiment. Keys that change the model, the data or its order are
-refused; keys that only change how long, how often, or the schedule, are accepted and reported.
+refused, and so is a corpus whose files changed; keys that only change how long, how often, or the
+schedule, are accepted and reported. Only a checkpoint whose bytes are lost or torn is set aside
+(to `quarantine/`, never deleted); a readable checkpoint that does not fit stops the start with one
+line and nothing touched, `--force-resume` or not.
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
 from jax.experimental import multihost_utils
 
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import Checkpointer, CheckpointDamaged, first_line
 from jaxlm.config import Config, to_dict
-from jaxlm.errors import UserError
-from jaxlm.state import Setup, State
+from jaxlm.errors import TrainingStopped, UserError
+from jaxlm.init_from import params_from
+from jaxlm.run import Log, RunDir
+from jaxlm.state import Setup, State, init_state
 
 # Dotted prefixes of keys that may differ between a checkpoint and the run resuming it.
 SAFE_TO_CHANGE = (
@@ -78,51 +82,85 @@ def check_resumable(saved: dict[str, Any], cfg: Config, step: int, force: bool) 
     return described
 
 
-def restore_newest_readable(
+def dataset_changes(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> str:
+    """'' if the corpus is the one a checkpoint was trained on, else what changed, counted."""
+    if saved is None or now is None or saved == now:
+        return ""
+    if saved.get("dataset") != now.get("dataset"):
+        return f"dataset {saved.get('dataset')} -> {now.get('dataset')}"
+    old, new = saved.get("files", {}), now.get("files", {})
+    counts = {
+        "added": len(new.keys() - old.keys()),
+        "removed": len(old.keys() - new.keys()),
+        "modified": sum(old[k] != new[k] for k in old.keys() & new.keys()),
+    }
+    return ", ".join(f"{n} file{'s' * (n != 1)} {what}" for what, n in counts.items() if n) or "options"
+
+
+def initial_state(
+    run: RunDir,
     checkpointer: Checkpointer,
     setup: Setup,
     new_iterator: Callable[[], Iterator],
-    quarantine: Path,
+    dataset: dict[str, Any] | None,
     force: bool,
-    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
-) -> tuple[int, State | None, Iterator]:
-    """(step, state, data iterator) of the newest checkpoint that restores, or (0, None, fresh).
-
-    An unreadable checkpoint (truncated files, lost shards) is moved to `quarantine` with a
-    warning, never deleted, and the one before it is tried.
-    """
+    log: Log,
+) -> tuple[int, State, Iterator]:
+    """(step, state, data iterator) to train from: the newest checkpoint that restores, else a
+    fresh state (from `init_from` if set), with earlier metrics kept aside."""
     for step in sorted(checkpointer.all_steps(), reverse=True):
-        iterator = new_iterator()
         try:
-            saved = checkpointer.restore_config_dict(step)
-        except Exception as err:  # noqa: BLE001 - Orbax/TensorStore raise bare Exception on bad data
-            _set_aside(checkpointer, step, quarantine, err, log)
-            continue
-        for change in check_resumable(saved, setup.cfg, step, force):
-            log(f"config change accepted on resume: {change}")
-        data_changes = [k for k in config_changes(saved, setup.cfg)
-                        if k.startswith(DATA_LAYOUT) and not k.startswith(SAFE_TO_CHANGE)]
-        if data_changes:  # only with --force-resume: the saved position belongs to other data
-            log(f"the data stream restarts from its beginning ({', '.join(data_changes)} changed)")
-        try:
-            state = checkpointer.restore(step, setup, None if data_changes else iterator)
-        except Exception as err:  # noqa: BLE001 - see above
-            _set_aside(checkpointer, step, quarantine, err, log)
-            continue
-        return step, state, iterator
-    return 0, None, new_iterator()
+            return step, *_resume(checkpointer, step, setup, new_iterator, dataset, force, log)
+        except CheckpointDamaged as err:
+            _set_aside(checkpointer, run, step, str(err), log)
+        except (UserError, TrainingStopped):
+            raise
+        except Exception as err:  # noqa: BLE001 - stop with the cause, leaving every file as it is
+            raise TrainingStopped(
+                f"checkpoint {step} in {checkpointer.directory} could not be restored "
+                f"({type(err).__name__}: {first_line(err)}); nothing was changed"
+            ) from err
+    if jax.process_index() == 0:
+        run.set_history_aside(log)
+    state = init_state(setup)
+    if setup.cfg.init_from:
+        state["params"] = params_from(setup.cfg.init_from, setup)
+    return 0, state, new_iterator()
 
 
-def _set_aside(
-    checkpointer: Checkpointer, step: int, quarantine: Path, err: Exception, log: Callable
-) -> None:
-    target = quarantine / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _resume(checkpointer: Checkpointer, step: int, setup: Setup, new_iterator: Callable[[], Iterator],
+            dataset: dict[str, Any] | None, force: bool, log: Log) -> tuple[State, Iterator]:
+    """Restores checkpoint `step`; what changed is reported once the restore has succeeded."""
+    saved = checkpointer.restore_config_dict(step)
+    notes = [f"config change accepted on resume: {c}"
+             for c in check_resumable(saved, setup.cfg, step, force)]
+    restart = [k for k in config_changes(saved, setup.cfg)
+               if k.startswith(DATA_LAYOUT) and not k.startswith(SAFE_TO_CHANGE)]
+    changed = dataset_changes(checkpointer.restore_dataset(step), dataset)
+    if changed and not force:
+        raise UserError(
+            f"the corpus changed since checkpoint {step} was written ({changed}); its data position "
+            "does not apply: restore the files, start a new train.run_dir, or pass --force-resume "
+            "to restart the data stream"
+        )
+    if changed:
+        restart.append(f"corpus: {changed}")
+    if restart:  # only with --force-resume: the saved position belongs to other data
+        notes.append(f"the data stream restarts from its beginning ({', '.join(restart)} changed)")
+    iterator = new_iterator()
+    state = checkpointer.restore(step, setup, None if restart else iterator)
+    for note in notes:
+        log(note)
+    return state, iterator
+
+
+def _set_aside(checkpointer: Checkpointer, run: RunDir, step: int, why: str, log: Log) -> None:
+    target = run.quarantine / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
     if jax.process_index() == 0:  # one mover; the others wait for it
-        quarantine.mkdir(parents=True, exist_ok=True)
+        run.quarantine.mkdir(parents=True, exist_ok=True)
         shutil.move(str(checkpointer.step_dir(step)), target)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"jaxlm-quarantine-{step}")
     checkpointer.reload()
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    log(f"warning: checkpoint {step} is unreadable ({first_line[:200]}); moved it to {target} "
+    log(f"warning: checkpoint {step} is unreadable ({why}); moved it to {target} "
         "and trying the previous one")

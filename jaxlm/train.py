@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
-import os
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,65 +12,19 @@ import yaml
 from tqdm import tqdm
 
 from jaxlm import config as config_lib
-from jaxlm.checkpoint import RUN_TOKENIZER, Checkpointer, init_params_from
+from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config
-from jaxlm.data import device_prefetch, open_split, train_pipeline
+from jaxlm.data import dataset_manifest, device_prefetch, open_split, train_pipeline
 from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.evaluate import Evaluator
 from jaxlm.flops import flops_per_token, mfu, peak_flops
 from jaxlm.metrics import MetricsLog
 from jaxlm.objectives import example_fn
 from jaxlm.preemption import StopRequest
-from jaxlm.resume import restore_newest_readable
+from jaxlm.resume import initial_state
+from jaxlm.run import RunDir, RunLock, open_run, warn
 from jaxlm.sharding import batch_shards, global_batch
-from jaxlm.state import Setup, init_state, make_setup, make_train_step
-from jaxlm.tokenizer import Tokenizer, load_tokenizer, sentencepiece_path
-
-
-def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
-    """Fills what the config leaves to the run and checks it.
-
-    An unset vocab size is the tokenizer's rounded up to a multiple of 128, so the vocab axis splits
-    over any tensor-parallel size and matmuls stay aligned (the extra ids are never produced).
-    """
-    vocab = cfg.model.vocab_size or -(-tokenizer.vocab_size // 128) * 128
-    if vocab < tokenizer.vocab_size:
-        raise UserError(
-            f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({tokenizer.vocab_size})"
-        )
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
-
-
-def prepare_run_dir(run_dir: Path) -> Path:
-    """Creates the run directory and proves it writable before any work is done."""
-    probe = run_dir / f".write-test-{jax.process_index()}-{os.getpid()}"  # processes share run_dir
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(
-            f"run directory {run_dir} is not writable ({err.strerror}); "
-            "choose another with --set train.run_dir=PATH"
-        ) from None
-    return run_dir
-
-
-def keep_tokenizer_copy(cfg: Config, run_dir: Path) -> None:
-    """Copies a SentencePiece model into the run so its checkpoints are self-contained; a run
-    resumed with a different model file is refused (its ids would mean other text)."""
-    source = sentencepiece_path(cfg.data.tokenizer)
-    if source is None:
-        return
-    copy = run_dir / RUN_TOKENIZER
-    if not copy.exists():
-        shutil.copyfile(source, copy.with_name(copy.name + ".tmp"))
-        copy.with_name(copy.name + ".tmp").replace(copy)
-    elif copy.read_bytes() != source.read_bytes():
-        raise UserError(
-            f"tokenizer {source} differs from the one this run was trained with ({copy}); "
-            f"put that one back (cp {copy} {source}) or start a new train.run_dir"
-        )
+from jaxlm.state import Setup, make_train_step
 
 
 def check_batch_size(cfg: Config, setup: Setup) -> None:
@@ -99,19 +50,40 @@ def train(
 
     `stop_at` ends this session early at that step with a checkpoint (time-sliced jobs); the next
     `train` of the same run continues exactly where it stopped. SIGTERM/SIGINT do the same at the
-    step under way. `force_resume` accepts config changes that would alter the experiment.
-    `devices` (default: all) lets a process train on part of its devices.
+    step under way (during setup they stop at once). `force_resume` accepts config changes that
+    would alter the experiment. `devices` (default: all) lets a process train on part of its devices.
     """
-    # ------------------------------------------------------------ setup
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    cfg = resolve(cfg, tokenizer)
+    run = RunDir(cfg.run_dir)
+    with StopRequest() as stop, contextlib.ExitStack() as cleanup:
+        run.prepare()
+        cleanup.enter_context(RunLock(run))
+        job = _start(cfg, run, devices, force_resume, cleanup)
+        end = min(job.cfg.train.steps, stop_at or job.cfg.train.steps)
+        if job.start >= end:
+            if jax.process_index() == 0:
+                print(f"already at step {job.start} (train.steps {job.cfg.train.steps}"
+                      f"{f', --stop-at {stop_at}' if stop_at else ''}); nothing to do", flush=True)
+            return {}
+        _open_logs(job, run, cleanup)
+        stop.setup_done()
+        return _steps(job, end, stop, show_progress and jax.process_index() == 0, cleanup)
+
+
+class _Job:
+    """What the steps need, built once by `_start`."""
+
+    def __init__(self, **parts: Any):
+        self.__dict__.update(parts)
+
+
+def _start(cfg: Config, run: RunDir, devices: list[jax.Device] | None, force_resume: bool,
+           cleanup: contextlib.ExitStack) -> _Job:
+    """Setup: config, data, the state to start from (fresh, resumed or init_from), the logs."""
+    cfg, tokenizer, setup = open_run(cfg, devices)
     is_main = jax.process_index() == 0
-    run_dir = prepare_run_dir(cfg.run_dir)
     if is_main:
         print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False), flush=True)
-    setup = make_setup(cfg, devices)
-    if is_main:
-        keep_tokenizer_copy(cfg, run_dir)
+        run.keep_tokenizer(cfg)
     train_source = open_split(cfg.data, cfg.data.train_split)
     evaluator = Evaluator(setup, open_split(cfg.data, cfg.data.eval_split), tokenizer)
     check_batch_size(cfg, setup)
@@ -131,86 +103,78 @@ def train(
         place = functools.partial(global_batch, sharding=setup.batch_sharding)
         return iter(device_prefetch(batches, place, cfg.data.prefetch_batches))
 
-    # ------------------------------------------------------------ fresh start or resume
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    start, state, train_iter = restore_newest_readable(
-        checkpointer, setup, new_iterator, run_dir / "quarantine", force_resume
-    )
-    if state is None:
-        state = init_state(setup)
-        if cfg.init_from:
-            state["params"] = init_params_from(cfg.init_from, setup)
-            if is_main:
-                print(f"initialized params from {cfg.init_from}", flush=True)
-    elif is_main:
-        print(f"resuming from step {start} in {checkpointer.directory}", flush=True)
-    if is_main:
-        config_lib.save_yaml(cfg, run_dir / "config.yaml")
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main, resume_step=start,
-                     tensorboard_dir=run_dir / "tensorboard")
-    train_step = make_train_step(setup)
+    checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint)
+    cleanup.callback(checkpointer.close)  # waits for the last async save
+    dataset = dataset_manifest(cfg.data)
+    log = warn if is_main else (lambda message: None)
+    start, state, train_iter = initial_state(run, checkpointer, setup, new_iterator, dataset,
+                                             force_resume, log)
+    cleanup.callback(train_iter.close)  # stops the prefetch thread and grain's worker processes
+    if is_main and (start or cfg.init_from):
+        print(f"resuming from step {start} in {checkpointer.directory}" if start
+              else f"initialized params from {cfg.init_from}", flush=True)
+    return _Job(cfg=cfg, setup=setup, evaluator=evaluator, checkpointer=checkpointer,
+                dataset=dataset, start=start, state=state, train_iter=train_iter)
 
-    # ------------------------------------------------------------ steps
+
+def _open_logs(job: _Job, run: RunDir, cleanup: contextlib.ExitStack) -> None:
+    """The config and metrics of a start that will train (after its restore succeeded)."""
+    is_main = jax.process_index() == 0
+    if is_main:
+        run.write_config(job.cfg)
+    job.metrics = MetricsLog(run.metrics, enabled=is_main, resume_step=job.start,
+                             tensorboard_dir=run.tensorboard)
+    cleanup.callback(job.metrics.close)
+
+
+def _steps(job: _Job, end: int, stop: StopRequest, show_progress: bool,
+           cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    cfg, state, log, checkpointer = job.cfg, job.state, job.metrics, job.checkpointer
     total = cfg.train.steps
-    end = min(total, stop_at or total)
-    bar = tqdm(total=total, initial=start, unit="step", disable=not (is_main and show_progress))
-    pending = _PendingMetrics(cfg, checkpointer, last_saved=start, devices=setup.mesh.size)
+    bar = cleanup.enter_context(tqdm(total=total, initial=job.start, unit="step",
+                                     disable=not show_progress))
+    train_step = make_train_step(job.setup)
+    pending = _PendingMetrics(cfg, checkpointer, last_saved=job.start, devices=job.setup.mesh.size)
     final_eval: dict[str, Any] = {}
     # XLA:CPU can deadlock when several multi-device steps with collectives are in flight at once;
     # CPU gains nothing from running ahead, so there each step is waited for.
-    wait_each_step = jax.default_backend() == "cpu" and setup.mesh.size > 1
-    try:
-        with StopRequest() as stop:
-            for step in range(start + 1, end + 1):
-                batch = next(train_iter)  # already on the devices (data.prefetch_batches)
-                state, metrics = train_step(state, batch)
-                if wait_each_step:
-                    jax.block_until_ready(metrics)
-                pending.add(step, metrics)
-                if step == start + 1:  # tokens/s and MFU leave out the compilation
-                    pending.restart_clock(after=metrics)
-                multi_host_stop = jax.process_count() > 1 and checkpointer.reached_preemption(step)
-                interrupted = stop.requested or multi_host_stop
-                save = step % cfg.checkpoint.every == 0 or step == end or interrupted
-                if step % cfg.train.log_every == 0 or save:
-                    # Between saves, leave the step just dispatched on the device: no stall.
-                    records = pending.fetch(keep_newest=not save)
-                    log.write(records)
-                    pending.check_finite(records)
-                    if records:
-                        bar.set_postfix(loss=f"{records[-1]['loss']:.3f}",
-                                        tok_s=f"{pending.tokens_per_s:,.0f}",
-                                        mfu=f"{pending.mfu:.1%}", refresh=False)
-                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
-                    final_eval = evaluator(state["params"], cfg.train.eval_batches)
-                    log.write([{"step": step, **{f"eval_{k}": v for k, v in final_eval.items()}}])
-                    bar.write(f"step {step}: eval loss {final_eval['loss']:.4f}, "
-                              f"bits/byte {final_eval['bits_per_byte']:.4f}")
-                    pending.restart_clock()
-                if save:
-                    _save(checkpointer, step, state, train_iter, cfg)
-                    pending.last_saved = step
-                bar.update(1)
-                if interrupted:
-                    bar.write(f"stopped at step {step} with a checkpoint; run the same command "
-                              "to continue")
-                    break
-    finally:
-        bar.close()
-        checkpointer.close()  # waits for the last async save
-        log.close()
-        train_iter.close()  # stops the prefetch thread and grain's worker processes
+    wait_each_step = jax.default_backend() == "cpu" and job.setup.mesh.size > 1
+    for step in range(job.start + 1, end + 1):
+        batch = next(job.train_iter)  # already on the devices (data.prefetch_batches)
+        state, metrics = train_step(state, batch)
+        if wait_each_step:
+            jax.block_until_ready(metrics)
+        pending.add(step, metrics)
+        if step == job.start + 1:  # tokens/s and MFU leave out the compilation
+            pending.restart_clock(after=metrics)
+        checkpointer.check_saves()  # a background save that failed stops the run here
+        interrupted = stop.requested or (
+            jax.process_count() > 1 and checkpointer.reached_preemption(step))  # all agree
+        save = step % cfg.checkpoint.every == 0 or step == end or interrupted
+        if step % cfg.train.log_every == 0 or save:
+            # Between saves, leave the step just dispatched on the device: no stall.
+            records = pending.fetch(keep_newest=not save)
+            log.write(records)
+            pending.check_finite(records)
+            if records:
+                bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", tok_s=f"{pending.tokens_per_s:,.0f}",
+                                mfu=f"{pending.mfu:.1%}", refresh=False)
+        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
+            final_eval = job.evaluator(state["params"], cfg.train.eval_batches)
+            log.write([{"step": step, **{f"eval_{k}": v for k, v in final_eval.items()}}])
+            bar.write(f"step {step}: eval loss {final_eval['loss']:.4f}, "
+                      f"bits/byte {final_eval['bits_per_byte']:.4f}")
+            pending.restart_clock()
+            interrupted = interrupted or stop.requested  # a signal that arrived during eval
+            save = save or interrupted
+        if save:
+            checkpointer.save(step, state, job.train_iter, cfg, job.dataset)
+            pending.last_saved = step
+        bar.update(1)
+        if interrupted:
+            bar.write(f"stopped at step {step} with a checkpoint; run the same command to continue")
+            break
     return final_eval
-
-
-def _save(checkpointer: Checkpointer, step: int, state: Any, data_iter: Any, cfg: Config) -> None:
-    try:
-        checkpointer.save(step, state, data_iter, cfg)
-    except OSError as err:
-        raise TrainingStopped(
-            f"writing checkpoint {step} failed ({err}); the run stopped and earlier checkpoints "
-            f"in {checkpointer.directory} are intact"
-        ) from None
 
 
 class _PendingMetrics:

@@ -117,3 +117,9 @@ def start_jaxlm(log: Path, *args):
     with log.open("w") as out:
         return subprocess.Popen([sys.executable, "-m", "jaxlm", *map(str, args)], stdout=out,
                                 stderr=subprocess.STDOUT, env=_cli_env(), cwd=REPO)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file's bytes under `directory` by relative path (the run lock's holder note aside)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != ".lock"}

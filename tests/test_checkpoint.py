@@ -1,16 +1,22 @@
 import dataclasses
+import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, _cli_env, config_file
 
-from jaxlm.checkpoint import Checkpointer, init_params_from, load_run
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.init_from import params_from as init_params_from
+from jaxlm.run import load_run, resolve
 from jaxlm.data import open_split, train_pipeline
 from jaxlm.errors import UserError
 from jaxlm.objectives import clm_example
 from jaxlm.state import init_state, make_setup
 from jaxlm.tokenizer import ByteTokenizer
-from jaxlm.train import resolve
+
 
 
 def _iterator(cfg):
@@ -88,3 +94,30 @@ def test_init_from_loads_exact_params_and_names_the_first_mismatch(tiny_cfg, tmp
         init_params_from(str(source_cfg.run_dir), clm_target)
     with pytest.raises(UserError, match="no checkpoint at step 9"):
         init_params_from(f"{source_cfg.run_dir}@9", target)
+
+
+DISK_FULL = """mount -t tmpfs -o size=3m tmpfs {run} || exit 90
+{python} -m jaxlm train --config {cfg} --no-progress --set checkpoint.async_save={async_save} 2>{err}
+echo $? > {code}
+{python} -m jaxlm eval --run {run} --batches 1 > {evaluated}
+"""
+
+
+@pytest.mark.parametrize("async_save", ["true", "false"])
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_good_checkpoint(
+        async_save, tmp_path, corpus, cache_dir):
+    """A 3 MiB tmpfs as run_dir (in a private mount namespace, no root needed) fills up a few
+    checkpoints in; the run must stop within a step, and the run stays readable afterwards."""
+    cfg = config_file(tmp_path, corpus, cache_dir, train={"steps": 60, "log_every": 100},
+                      checkpoint={"every": 2, "keep": 50})
+    run, files = tmp_path / "run", {name: tmp_path / name for name in ("err", "code", "evaluated")}
+    run.mkdir()
+    script = DISK_FULL.format(run=run, python=sys.executable, cfg=cfg, async_save=async_save, **files)
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          env=_cli_env(), cwd=REPO, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    err = files["err"].read_text().strip()
+    assert files["code"].read_text().strip() == "1" and len(err.splitlines()) == 1, err
+    assert err.startswith("jaxlm: stopped: writing checkpoint") and "No space left on device" in err
+    intact = int(err.split("; checkpoint ")[1].split()[0])
+    assert json.loads(files["evaluated"].read_text())["step"] == intact

@@ -9,7 +9,7 @@ import numpy as np
 import portpicker
 from conftest import REPO, config_file
 
-from jaxlm.checkpoint import load_run
+from jaxlm.run import load_run
 from jaxlm.metrics import read_metrics
 
 RUN = {"train": {"steps": 6, "log_every": 1, "eval_every": 3}, "checkpoint": {"every": 3}}

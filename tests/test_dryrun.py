@@ -3,7 +3,7 @@ import dataclasses
 from jaxlm.config import MeshConfig
 from jaxlm.dryrun import dry_run
 from jaxlm.tokenizer import ByteTokenizer
-from jaxlm.train import resolve
+from jaxlm.run import resolve
 
 
 def test_dry_run_reports_sharded_memory_without_data(tiny_cfg, capsys, tmp_path):

@@ -1,5 +1,7 @@
 """SIGTERM/SIGINT on a real `jaxlm train` process."""
 
+import dataclasses
+import os
 import signal
 import subprocess
 import sys
@@ -46,6 +48,7 @@ ABORT_SCRIPT = """
 import os, signal, time
 from jaxlm.preemption import StopRequest
 with StopRequest() as stop:
+    stop.setup_done()
     os.kill(os.getpid(), signal.{sig})
     assert stop.requested
     print("first signal noted", flush=True)
@@ -60,3 +63,45 @@ def test_second_signal_aborts_at_once(sig):
                           text=True, timeout=60, cwd=REPO)
     assert "first signal noted" in proc.stdout
     assert proc.returncode == -getattr(signal, sig)
+
+
+def test_a_signal_during_setup_stops_at_once_with_one_line():
+    from jaxlm.errors import TrainingStopped
+    from jaxlm.preemption import StopRequest
+
+    with pytest.raises(TrainingStopped, match="SIGTERM during setup: stopped before the first step"):
+        with StopRequest():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+
+
+def test_sigterm_during_setup_of_a_real_run_exits_with_one_line(tmp_path, corpus):
+    cfg = config_file(tmp_path, corpus, tmp_path / "fresh_cache")  # a dataset build to interrupt
+    proc = start_jaxlm(tmp_path / "log", "train", "--config", cfg, "--no-progress")
+    log = tmp_path / "log"
+    deadline = time.monotonic() + 60
+    while "name: cli" not in log.read_text():  # the config is printed when setup begins
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 1
+    assert log.read_text().strip().splitlines()[-1].startswith("jaxlm: stopped: SIGTERM during setup")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_sigterm_during_eval_saves_the_step_it_arrived_at(tiny_cfg, monkeypatch):
+    from jaxlm.evaluate import Evaluator
+    from jaxlm.train import train
+
+    evaluate = Evaluator.__call__
+
+    def signalled_eval(self, params, batches):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, params, batches)
+
+    monkeypatch.setattr(Evaluator, "__call__", signalled_eval)
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, steps=20, eval_every=4),
+                              checkpoint=dataclasses.replace(tiny_cfg.checkpoint, every=100))
+    train(cfg, show_progress=False)
+    assert Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint).all_steps() == [4]
+    assert max(r["step"] for r in read_metrics(cfg.run_dir / "metrics.jsonl")) == 4

@@ -2,13 +2,15 @@
 
 import dataclasses
 import random
+import shutil
 import signal
 import time
 
 import pytest
-from conftest import config_file, jaxlm_cli, start_jaxlm
+from conftest import config_file, jaxlm_cli, snapshot, start_jaxlm, write_corpus
 
 from jaxlm.checkpoint import Checkpointer
+from jaxlm.cli import main
 from jaxlm.errors import UserError
 from jaxlm.metrics import read_metrics
 from jaxlm.train import train
@@ -102,3 +104,90 @@ def test_config_edits_on_resume(tiny_cfg, capsys):
     assert "data stream restarts from its beginning (data.worker_count changed)" in capsys.readouterr().err
     assert sorted(_losses(tiny_cfg.run_dir)) == list(range(1, 9))
     assert not (tiny_cfg.run_dir / "quarantine").exists()
+
+
+# ---------------------------------------------------------------- what a start may and may not touch
+
+
+def _trained(tmp_path, corpus, cache_dir, **sections):
+    cfg = config_file(tmp_path, corpus, cache_dir, **sections)  # checkpoints at 4 and 8
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    return cfg, tmp_path / "run"
+
+
+def _one_line_error(capsys, argv, code=2):
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("change", ["model.d_model=64", "model.n_layers=3", "model.tie_embeddings=false",
+                                    "optimizer.grad_clip=0"])
+def test_a_readable_checkpoint_that_does_not_fit_stops_the_start_and_touches_nothing(
+        change, tmp_path, corpus, cache_dir, capsys):
+    cfg, run = _trained(tmp_path, corpus, cache_dir)
+    before = snapshot(run)
+    err = _one_line_error(capsys, ["train", "--config", cfg, "--no-progress", "--force-resume",
+                                   "--set", change, "--set", "train.steps=12"])
+    assert err.startswith("jaxlm: error: checkpoint 8 has ")
+    assert snapshot(run) == before  # nothing quarantined, metrics and config untouched
+
+
+def test_a_missing_item_is_another_layout_not_damage(tmp_path, corpus, cache_dir, capsys):
+    cfg, run = _trained(tmp_path, corpus, cache_dir)
+    shutil.rmtree(run / "checkpoints" / "8" / "opt")
+    before = snapshot(run)
+    err = _one_line_error(capsys, ["train", "--config", cfg, "--set", "train.steps=12"])
+    assert "checkpoint 8" in err and "has no 'opt' item" in err
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("loss", ["checkpoints deleted", "every checkpoint unreadable"])
+def test_a_start_that_restores_nothing_keeps_the_earlier_history(loss, tmp_path, corpus, cache_dir, capsys):
+    cfg, run = _trained(tmp_path, corpus, cache_dir)
+    history = (run / "metrics.jsonl").read_text()
+    if loss == "checkpoints deleted":
+        shutil.rmtree(run / "checkpoints")
+    else:
+        for step_dir in (run / "checkpoints").iterdir():
+            _truncate(step_dir)
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--no-progress", "--set", "train.steps=2"]) == 0
+    assert "the earlier history is kept as metrics." in capsys.readouterr().err
+    (kept,) = run.glob("metrics.*.jsonl")
+    assert kept.read_text() == history
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2]
+    assert len(list(run.glob("tensorboard.*"))) == 1
+
+
+@pytest.mark.parametrize("edit", ["add", "remove", "modify"])
+def test_a_changed_corpus_is_refused_naming_the_change(edit, tmp_path, cache_dir, capsys):
+    corpus = write_corpus(tmp_path / "own_corpus")
+    cfg, run = _trained(tmp_path, corpus, cache_dir)
+    if edit == "add":
+        (corpus / "extra.py").write_text("def extra():\n    return 1\n")
+    elif edit == "remove":
+        (corpus / "mod0.py").unlink()
+    else:
+        (corpus / "mod1.py").write_text("changed = True\n")
+    before = snapshot(run)
+    err = _one_line_error(capsys, ["train", "--config", cfg, "--set", "train.steps=12"])
+    expected = {"add": "1 file added", "remove": "1 file removed", "modify": "1 file modified"}[edit]
+    assert f"the corpus changed since checkpoint 8 was written ({expected})" in err and "--force-resume" in err
+    assert snapshot(run) == before
+    assert main(["train", "--config", str(cfg), "--no-progress", "--force-resume", "--set", "train.steps=10"]) == 0
+    assert f"data stream restarts from its beginning (corpus: {expected} changed)" in capsys.readouterr().err
+    assert sorted(_losses(run)) == list(range(1, 11))
+
+
+@pytest.mark.parametrize("argv", [["--set", "train.steps=8"], ["--set", "train.steps=5"], ["--stop-at", "6"]])
+def test_a_run_already_at_its_end_does_nothing(argv, tmp_path, corpus, cache_dir, capsys):
+    cfg, run = _trained(tmp_path, corpus, cache_dir)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--no-progress", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "already at step 8" in out and "nothing to do" in out
+    assert snapshot(run) == before

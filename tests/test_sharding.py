@@ -13,7 +13,7 @@ from jaxlm.objectives import clm_example
 from jaxlm.sharding import axis_rules, batch_shards, batch_sharding, global_batch, make_mesh
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import ByteTokenizer
-from jaxlm.train import resolve
+from jaxlm.run import resolve
 
 
 def test_minus_one_takes_the_remaining_devices():

@@ -8,7 +8,7 @@ from jaxlm.objectives import clm_example
 from jaxlm.sharding import global_batch
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import ByteTokenizer
-from jaxlm.train import resolve
+from jaxlm.run import resolve
 
 
 def _setup_and_batches(cfg, devices=None, n=1):

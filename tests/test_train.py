@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm.checkpoint import Checkpointer, load_run
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.run import load_run
 from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.metrics import read_metrics
 from jaxlm.train import train

@@ -41,7 +41,7 @@ from jaxlm.config import load_config
 from jaxlm.flops import flops_per_token, matmul_params, measured_matmul_flops, table_peak
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import load_tokenizer
-from jaxlm.train import resolve
+from jaxlm.run import resolve
 
 # Model shapes by name (byte vocabulary): --set overrides for each.
 SIZES = {

@@ -20,7 +20,7 @@ from jaxlm.config import load_config
 from jaxlm.data import open_split, train_pipeline
 from jaxlm.objectives import example_fn
 from jaxlm.tokenizer import load_tokenizer
-from jaxlm.train import resolve
+from jaxlm.run import resolve
 
 
 def measure(cfg, workers: int, batches: int) -> dict:

@@ -28,7 +28,7 @@ from jaxlm.config import load_config
 from jaxlm.generate import Sampler, banned_tokens, bucket, make_sampler
 from jaxlm.state import init_state, make_setup
 from jaxlm.tokenizer import load_tokenizer
-from jaxlm.train import resolve
+from jaxlm.run import resolve
 
 
 def time_context(sampler: Sampler, params, context: int, args: argparse.Namespace) -> dict:
