@@ -266,9 +266,9 @@ def _check_same_shapes(step: int, part: str, saved: dict[str, tuple], wanted: di
             )
         if saved[name] != shape:
             raise CheckpointMismatch(
-                f"checkpoint {step} has {what} '{name}' of shape {saved[name]}, this model "
-                f"{shape}; --force-resume cannot change shapes: start a new train.run_dir "
-                "(init_from can start it from this run)"
+                f"checkpoint {step} has {what} '{name}' of shape {saved[name]}, the configured "
+                f"model {shape}; shapes cannot change within a run: start a new train.run_dir "
+                "(init_from can start it from this one)"
             )
     for name in saved.keys() - wanted.keys():
         raise CheckpointMismatch(

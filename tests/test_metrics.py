@@ -1,4 +1,8 @@
 import struct
+import subprocess
+import sys
+
+from conftest import REPO
 
 from tensorboardX.proto import event_pb2
 
@@ -36,3 +40,26 @@ def test_resume_drops_records_after_the_checkpoint_and_torn_lines(tmp_path):
     assert read_metrics(path) == [{"step": 1, "loss": 3}, {"step": 2, "loss": 1.5}]
     MetricsLog(tmp_path / "other.jsonl", enabled=False, resume_step=0).write([{"step": 1}])
     assert not (tmp_path / "other.jsonl").exists()
+
+
+FILL_UP = """
+from pathlib import Path
+from jaxlm.errors import TrainingStopped
+from jaxlm.metrics import MetricsLog
+log = MetricsLog(Path("{d}/m.jsonl"), enabled=True, resume_step=0, tensorboard_dir=Path("{d}/tb"))
+try:
+    for step in range(1, 1_000_000):
+        log.write([{{"step": step, "loss": 1.0 / step, "note": "x" * 200}}])
+except TrainingStopped as err:
+    print(err)
+log.close()
+"""
+
+
+def test_a_full_disk_stops_metric_writes_with_one_message_instead_of_blocking(tmp_path):
+    """JSONL and TensorBoard on a 256 KiB tmpfs (private mount namespace, no root needed)."""
+    script = f"mount -t tmpfs -o size=256k tmpfs {tmp_path} && {sys.executable} -c '{FILL_UP.format(d=tmp_path)}'"
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("writing metrics of step ") and "(No space left on device)" in proc.stdout
