@@ -75,12 +75,13 @@ def storage_failure(err: BaseException) -> BaseException | None:
 
 
 def first_line(err: BaseException) -> str:
-    """A short description: TensorStore's status with the OS error it ends in, else the first line."""
+    """A short description: TensorStore's status with its innermost reason, else the first line."""
     text = str(err).strip()
-    os_error = re.search(r": ([^:]+?) \[os_error_code=", text)
-    if _status(err) and os_error:
-        return f"{_status(err)}: {os_error.group(1)}"
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+    text = text.splitlines()[0] if text else type(err).__name__
+    if _status(err):
+        reason = re.split(r" \[(?:tensorstore_spec|os_error_code)=", text)[0].rsplit(": ", 1)[-1]
+        return f"{_status(err)}: {reason}"[:200]
+    return text[:200]
 
 
 class _StorageErrors(logging.Filter):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import REPO, _cli_env, config_file
 
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import Checkpointer, data_loss, first_line, storage_failure
 from jaxlm.init_from import params_from as init_params_from
 from jaxlm.run import load_run, resolve
 from jaxlm.data import open_split, train_pipeline
@@ -121,3 +121,35 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_good_checkpo
     assert err.startswith("jaxlm: stopped: writing checkpoint") and "No space left on device" in err
     intact = int(err.split("; checkpoint ")[1].split()[0])
     assert json.loads(files["evaluated"].read_text())["step"] == intact
+
+
+def _caused(outer: Exception, inner: Exception) -> Exception:
+    outer.__cause__ = inner
+    return outer
+
+
+@pytest.mark.parametrize("err, is_loss", [
+    (ValueError("OUT_OF_RANGE: Error reading Byte range [0, 9) of local file"), True),
+    (ValueError("DATA_LOSS: Error decoding manifest"), True),
+    (_caused(Exception("Encountered error while reading array index"), ValueError("NOT_FOUND: x")), True),
+    (json.JSONDecodeError("Unterminated string", "{", 1), True),
+    (FileNotFoundError("Metadata file (named _METADATA) does not exist"), True),
+    (PermissionError("denied"), False),
+    (ValueError("Requested shape: (2, 64) is not compatible with the stored shape: (2, 32)."), False),
+    (KeyError("Item 'opt' was not found in the checkpoint"), False),
+    (TypeError("a bug"), False),
+])
+def test_only_lost_or_torn_bytes_count_as_damage(err, is_loss):
+    assert (data_loss(err) is not None) == is_loss
+
+
+@pytest.mark.parametrize("err, line", [
+    (ValueError("RESOURCE_EXHAUSTED: Error writing \"a\": Failed to write 7 bytes to file 7: No space left "
+                "on device [os_error_code='28']"), "RESOURCE_EXHAUSTED: No space left on device"),
+    (ValueError("OUT_OF_RANGE: Error reading \"b\": Requested byte range [0, 9) is not valid for value of "
+                "size 4 [tensorstore_spec='{}']"),
+     "OUT_OF_RANGE: Requested byte range [0, 9) is not valid for value of size 4"),
+    (OSError(28, "No space left on device"), "[Errno 28] No space left on device"),
+])
+def test_storage_errors_are_described_by_their_innermost_reason(err, line):
+    assert storage_failure(err) is err and first_line(err) == line
