@@ -204,7 +204,8 @@ def _eval(args: argparse.Namespace) -> None:
     if args.pseudo_ppl_examples is None:
         args.pseudo_ppl_examples = cfg.train.pseudo_ppl_examples
     split = args.split or cfg.data.eval_split
-    evaluator = Evaluator(setup, open_split(cfg.data, split), load_tokenizer(cfg.data.tokenizer))
+    evaluator = Evaluator(setup, open_split(cfg.data, split, cfg.objective),
+                          load_tokenizer(cfg.data.tokenizer))
     result = {"run": str(args.run), "step": step, "split": split, **evaluator(params, args.batches)}
     if cfg.objective == "mlm" and args.pseudo_ppl_examples:
         result.update(evaluator.pseudo_perplexity(params, args.pseudo_ppl_examples))
@@ -223,7 +224,7 @@ def _generate(args: argparse.Namespace) -> None:
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
-    if not is_causal(cfg.objective):
+    if not is_causal(cfg.objective, cfg.model.causal) or cfg.objective == "classify":
         raise UserError(f"generate needs a causal LM; {args.run} was trained with {cfg.objective}")
     prompts = args.prompt or [""]
     texts = generate(
@@ -249,7 +250,6 @@ def _fill_mask(args: argparse.Namespace) -> None:
 
     from jaxlm.run import load_run
     from jaxlm.fill_mask import MASK_TEXT, fill_mask
-    from jaxlm.objectives import is_causal
     from jaxlm.tokenizer import load_tokenizer
 
     if args.top_k < 1:
@@ -257,7 +257,7 @@ def _fill_mask(args: argparse.Namespace) -> None:
     if MASK_TEXT not in args.text:
         raise UserError(f"fill-mask text has no {MASK_TEXT}; write {MASK_TEXT} where a token is missing")
     cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
-    if is_causal(cfg.objective):
+    if cfg.objective != "mlm":
         raise UserError(f"fill-mask needs a masked LM; {args.run} was trained with objective "
                         f"{cfg.objective} (use `jaxlm generate`)")
     answers = fill_mask(setup, params, load_tokenizer(cfg.data.tokenizer), args.text, args.top_k)

@@ -33,12 +33,19 @@ class ModelConfig:
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     attention: Literal["xla", "cudnn", "splash"] = "xla"  # unsupported here -> xla, one warning
+    causal: bool | None = None  # None: decoder for clm/seq2seq_lm, encoder for mlm/classify
+    dropout: float = 0.0  # embedding, attention and residual dropout while training
+    num_labels: int | None = None  # classify: None means the number of labels in the data
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "python_stdlib"  # python_stdlib | text_files | a prepared TFDS catalog name
-    paths: tuple[str, ...] = ()  # text_files: files or globs
+    dataset: str = "python_stdlib"  # python_stdlib | text_files | jsonl | csv | a TFDS name
+    paths: tuple[str, ...] = ()  # text_files: files or globs; jsonl/csv: the (training) records
+    validation_paths: tuple[str, ...] = ()  # jsonl/csv: validation records (else a hash split)
+    fields: dict[str, str] = field(default_factory=dict)  # jsonl/csv: role -> column name
+    template: str = ""  # seq2seq_lm/classify: formats the input (text), e.g. "Q: {input}\n"
+    nsp: bool = False  # mlm: sentence pairs with the next-sentence-prediction loss
     split_paragraphs: bool = False  # text_files: one document per blank-line-separated paragraph
     validation_percent: float = 5.0  # python_stdlib / text_files: share of documents held out
     text_feature: str = "text"  # TFDS catalog datasets: the feature holding the text
@@ -113,9 +120,10 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "default"
-    objective: Literal["clm", "mlm"] = "clm"
+    objective: Literal["clm", "mlm", "seq2seq_lm", "classify"] = "clm"
     seed: int = 0
     init_from: str = ""  # RUN_DIR[@STEP]: start from that checkpoint's params (fresh optimizer)
+    init_heads: Literal["strict", "reinit"] = "strict"  # init_from: heads must match | made fresh
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -317,6 +325,39 @@ def validate(cfg: Config) -> None:
         )
     if cfg.train.eval_every < 0:
         raise UserError("train.eval_every must be >= 0 (0 disables periodic eval)")
+    _validate_task(cfg)
+
+
+TASK_ROLES = ("input", "target", "text", "text_pair", "label")
+
+
+def _validate_task(cfg: Config) -> None:
+    """Checks of the task-data, head and dropout keys."""
+    task_data = cfg.data.dataset in ("jsonl", "csv")
+    if cfg.objective in ("seq2seq_lm", "classify") and not task_data:
+        raise UserError(f"objective {cfg.objective} reads labelled records: set data.dataset to "
+                        "jsonl or csv and data.paths to the files")
+    if task_data and cfg.objective not in ("seq2seq_lm", "classify"):
+        raise UserError(f"data.dataset {cfg.data.dataset} holds task records; use objective "
+                        "seq2seq_lm or classify (or text_files for plain text)")
+    unknown = sorted(set(cfg.data.fields) - set(TASK_ROLES))
+    if unknown:
+        raise UserError(f"data.fields has unknown roles {unknown}; roles are {list(TASK_ROLES)}")
+    try:
+        cfg.data.template.format(input="", text="", text_pair="", target="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise UserError(f"data.template {cfg.data.template!r} is not a format string of "
+                        f"{{input}} / {{text}} ({err!r}); double literal braces as {{{{ }}}}") from None
+    if not 0 <= cfg.model.dropout < 1:
+        raise UserError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
+    if cfg.model.num_labels is not None and cfg.model.num_labels < 2:
+        raise UserError(f"model.num_labels must be at least 2, got {cfg.model.num_labels}")
+    fixed = {"clm": True, "seq2seq_lm": True, "mlm": False}.get(cfg.objective)
+    if cfg.model.causal is not None and fixed is not None and cfg.model.causal != fixed:
+        raise UserError(f"objective {cfg.objective} needs model.causal {fixed} (or null); only "
+                        "classify chooses between an encoder and a decoder")
+    if cfg.data.nsp and cfg.objective != "mlm":
+        raise UserError("data.nsp (next-sentence prediction) needs objective mlm")
 
 
 def save_yaml(cfg: Config, path: Path) -> None:

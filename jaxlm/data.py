@@ -20,9 +20,11 @@ from absl import flags as absl_flags
 from absl import logging as absl_logging
 
 from jaxlm.config import DataConfig
+from jaxlm.datasets import tasks as task_files
 from jaxlm.datasets.corpus import CorpusConfig, PythonStdlib, TextFiles
 from jaxlm.errors import UserError
 from jaxlm.objectives import ExampleFn
+from jaxlm.tasks import PACKED_KEYS, Encoder
 from jaxlm.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 Example = dict[str, np.ndarray]
@@ -31,21 +33,39 @@ Example = dict[str, np.ndarray]
 _READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 # Stream ids of eval data (training rows use their row index): fixed, so eval masks are too.
 EVAL_STREAM = 1 << 32
+LOCAL_DATASETS = ("python_stdlib", "text_files", "jsonl", "csv")
+TASK_DATASETS = ("jsonl", "csv")
+# Rows a first-fit packer of task examples keeps open.
+PACKING_BINS = 4
+
+
+def _rooted(cfg: DataConfig, *groups: tuple[str, ...]) -> tuple[Path, list[tuple[str, ...]]]:
+    """The patterns' common fixed directory and each group of patterns relative to it."""
+    if not cfg.paths:
+        raise UserError(f"data.dataset is {cfg.dataset} but data.paths is empty; list files or globs")
+    for pattern in (p for group in groups for p in group):
+        if not glob.glob(str(Path(pattern).expanduser()), recursive=True):
+            raise UserError(f"data.paths: no file matches '{pattern}'; fix the path or glob")
+    absolute = [[Path(p).expanduser().absolute() for p in group] for group in groups]
+    # Document keys (and so the train/validation split) are relative to the patterns' common
+    # fixed directory: the same corpus splits the same wherever it lives.
+    root = Path(os.path.commonpath([_fixed_prefix(p) for group in absolute for p in group]))
+    return root, [tuple(str(p.relative_to(root)) for p in group) for group in absolute]
+
+
+def _task_config(cfg: DataConfig, objective: str) -> task_files.TaskConfig:
+    root, (train, validation) = _rooted(cfg, cfg.paths, cfg.validation_paths)
+    return task_files.make_config(
+        root, train, validation, file_format=cfg.dataset, objective=objective,
+        fields=tuple(sorted(cfg.fields.items())), validation_percent=cfg.validation_percent,
+    )
 
 
 def _text_files_config(cfg: DataConfig) -> CorpusConfig:
-    if not cfg.paths:
-        raise UserError("data.dataset is text_files but data.paths is empty; list files or globs")
-    for pattern in cfg.paths:
-        if not glob.glob(str(Path(pattern).expanduser()), recursive=True):
-            raise UserError(f"data.paths: no file matches '{pattern}'; fix the path or glob")
-    absolute = [Path(p).expanduser().absolute() for p in cfg.paths]
-    # Document keys (and so the train/validation split) are relative to the patterns' common
-    # fixed directory: the same corpus splits the same wherever it lives.
-    root = Path(os.path.commonpath([_fixed_prefix(p) for p in absolute]))
+    root, (patterns,) = _rooted(cfg, cfg.paths)
     return TextFiles.make_config(
         root,
-        tuple(str(p.relative_to(root)) for p in absolute),
+        patterns,
         split_paragraphs=cfg.split_paragraphs,
         validation_percent=cfg.validation_percent,
     )
@@ -58,7 +78,9 @@ def _fixed_prefix(pattern: Path) -> Path:
     return Path(*parts[: max(fixed, 1)])
 
 
-def _corpus(cfg: DataConfig) -> tuple[type, CorpusConfig]:
+def _corpus(cfg: DataConfig, objective: str = "") -> tuple[type, Any]:
+    if cfg.dataset in TASK_DATASETS:
+        return task_files.TaskFiles, _task_config(cfg, objective)
     if cfg.dataset == "python_stdlib":
         return PythonStdlib, PythonStdlib.make_config(
             PythonStdlib.default_root(), ("**/*.py",), validation_percent=cfg.validation_percent
@@ -66,9 +88,9 @@ def _corpus(cfg: DataConfig) -> tuple[type, CorpusConfig]:
     return TextFiles, _text_files_config(cfg)
 
 
-def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+def _prepared_builder(cfg: DataConfig, objective: str) -> tfds.core.DatasetBuilder:
     """The builder of a jaxlm corpus, built into the cache on first use."""
-    builder_cls, corpus = _corpus(cfg)
+    builder_cls, corpus = _corpus(cfg, objective)
     if not builder_cls.documents(corpus):
         raise UserError(f"data.dataset {cfg.dataset}: the corpus is empty; point data.paths at text")
     absl_logging.set_verbosity(absl_logging.ERROR)
@@ -90,17 +112,18 @@ def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def open_split(cfg: DataConfig, split: str) -> Any:
-    """Random-access source of one split; missing datasets or splits are UserErrors."""
-    if cfg.dataset in ("python_stdlib", "text_files"):
-        builder = _prepared_builder(cfg)
+def open_split(cfg: DataConfig, split: str, objective: str = "clm") -> Any:
+    """Random-access source of one split; missing datasets or splits are UserErrors. Task
+    datasets (jsonl, csv) give records (dicts by role) for `objective`, text datasets bytes."""
+    if cfg.dataset in LOCAL_DATASETS:
+        builder = _prepared_builder(cfg, objective)
         if split not in builder.info.splits:
             raise UserError(
                 f"dataset {cfg.dataset} has no split '{split}' (splits: {list(builder.info.splits)});"
                 " add documents or raise data.validation_percent"
             )
         source = builder.as_data_source(split)
-        feature = "text"
+        feature = None if cfg.dataset in TASK_DATASETS else "text"
     else:
         try:
             source = tfds.data_source(cfg.dataset, split=split, download=False)
@@ -117,15 +140,18 @@ def open_split(cfg: DataConfig, split: str) -> Any:
 
 
 class _FeatureSource:
-    """Exposes one text feature of a data source as bytes, the only thing the pipeline needs."""
+    """Exposes one text feature of a data source as bytes, the only thing the pipeline needs
+    (feature None: the whole record, by role)."""
 
-    def __init__(self, source: Any, feature: str):
+    def __init__(self, source: Any, feature: str | None):
         self.source, self.feature = source, feature
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> bytes:
+    def __getitem__(self, index: int) -> Any:
+        if self.feature is None:
+            return self.source[index]
         text = self.source[index][self.feature]
         if isinstance(text, str):
             return text.encode("utf-8")
@@ -140,8 +166,16 @@ def _tokenize_fn(tokenizer: Tokenizer) -> Callable[[bytes], Example]:
     return tokenize
 
 
-def _packed(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int) -> grain.IterDataset:
-    """Tokenized documents concatenated and cut into rows of `seq_len`."""
+def _packed(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int,
+            encoder: Encoder | None = None) -> grain.IterDataset:
+    """Tokenized documents concatenated and cut into rows of `seq_len`; with a task `encoder`,
+    encoded records packed whole into rows (first fit)."""
+    if encoder is not None:
+        return grain.experimental.FirstFitPackIterDataset(
+            docs.map(encoder).to_iter_dataset(_READ_OPTIONS),
+            length_struct={k: seq_len for k in PACKED_KEYS}, num_packing_bins=PACKING_BINS,
+            shuffle_bins=False,
+        )
     return grain.experimental.ConcatThenSplitIterDataset(
         docs.map(_tokenize_fn(tokenizer)).to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len}
     )
@@ -169,8 +203,9 @@ def train_pipeline(
     process_index: int = 0,
     process_count: int = 1,
     worker_count: int = 0,
+    encoder: Encoder | None = None,
 ) -> grain.IterDataset:
-    """Endless batches of this process's rows of the global batch.
+    """Endless batches of this process's rows of the global batch (`encoder`: of task records).
 
     Row r of every global batch comes from its own stream: documents r, r+B, r+2B, ... (B = global
     batch), reshuffled each epoch, tokenized and packed. A process reads only the documents of its
@@ -192,6 +227,7 @@ def train_pipeline(
             .repeat(),
             tokenizer,
             seq_len,
+            encoder,
         )
         for row in rows
     ]
@@ -242,12 +278,13 @@ def eval_pipeline(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    encoder: Encoder | None = None,
 ) -> grain.IterDataset:
-    """One pass over this process's documents in a fixed shuffled order (so a few eval batches
-    sample many documents); the last batch is padded, so every document counts once."""
+    """One pass over this process's documents (task records with `encoder`) in a fixed shuffled
+    order (so a few eval batches sample many); the last batch is padded, so each counts once."""
     docs = grain.MapDataset.source(source)[process_index::process_count].seed(seed).shuffle()
     stream = EVAL_STREAM + process_index
-    examples = _packed(docs, tokenizer, seq_len).map_with_index(
+    examples = _packed(docs, tokenizer, seq_len, encoder).map_with_index(
         lambda index, packed: example_fn(packed, (stream, index))
     )
     batches = examples.batch(local_batch)
@@ -263,12 +300,12 @@ def pad_batch(batch: Example, rows: int) -> Example:
     return {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
 
 
-def dataset_manifest(cfg: DataConfig) -> dict[str, Any] | None:
+def dataset_manifest(cfg: DataConfig, objective: str = "clm") -> dict[str, Any] | None:
     """What a checkpoint's data position refers to: each source file's content digest by its
     corpus-relative path (None for TFDS catalog datasets, which are versioned by TFDS)."""
-    if cfg.dataset not in ("python_stdlib", "text_files"):
+    if cfg.dataset not in LOCAL_DATASETS:
         return None
-    builder_cls, corpus = _corpus(cfg)
+    builder_cls, corpus = _corpus(cfg, objective)
     files = {
         str(path.relative_to(corpus.root)): hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         for path in builder_cls.files(corpus)

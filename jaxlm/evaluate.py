@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm.data import empty_batch, eval_pipeline, pad_batch, stack_rows
 from jaxlm.errors import UserError
-from jaxlm.objectives import example_fn
+from jaxlm.objectives import example_fn, record_encoder
 from jaxlm.sharding import batch_shards, global_batch
 from jaxlm.state import Setup, make_eval_step
 from jaxlm.tokenizer import MASK_ID, SPECIAL_TOKENS, Tokenizer
@@ -57,6 +57,7 @@ class Evaluator:
                 seed=cfg.seed,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
+                encoder=record_encoder(cfg, self.tokenizer),
             )
         )
 

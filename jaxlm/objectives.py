@@ -19,12 +19,13 @@ import optax
 
 from jaxlm.config import Config
 from jaxlm.errors import UserError
+from jaxlm.tasks import Encoder, task_encoder, task_example
 from jaxlm.tokenizer import MASK_ID, SPECIAL_TOKENS, Tokenizer
 
 Example = dict[str, np.ndarray]
 # (packed row, (stream id, example index in that stream)) -> model example
 ExampleFn = Callable[[Example, tuple[int, int]], Example]
-OBJECTIVES = ("clm", "mlm")
+OBJECTIVES = ("clm", "mlm", "seq2seq_lm", "classify")
 # Of the selected MLM positions: this share becomes MASK, this share a random token, the rest stay.
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1
 
@@ -120,11 +121,20 @@ def example_fn(cfg: Config, tokenizer: Tokenizer) -> ExampleFn:
                 "data.tokenizer=sentencepiece:PATH or data.whole_word_mask=false"
             )
         return mlm_example_fn(cfg.seed, cfg.data.mask_rate, tokenizer.vocab_size, word_starts_V)
+    if cfg.objective in ("seq2seq_lm", "classify"):
+        return task_example
     raise UserError(f"unknown objective '{cfg.objective}' (supported: {', '.join(OBJECTIVES)})")
 
 
-def is_causal(objective: str) -> bool:
-    return objective == "clm"
+def is_causal(objective: str, causal: bool | None = None) -> bool:
+    """Decoder attention? `causal` is model.causal (None: clm and seq2seq_lm are decoders)."""
+    return objective in ("clm", "seq2seq_lm") if causal is None else causal
+
+
+def record_encoder(cfg: Config, tokenizer: Tokenizer) -> Encoder | None:
+    """The record -> example encoder of a task objective (None: the objective reads text)."""
+    causal = is_causal(cfg.objective, cfg.model.causal)
+    return task_encoder(cfg.objective, tokenizer, cfg.data.seq_len, cfg.data.template, causal)
 
 
 def weighted_sums(logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:

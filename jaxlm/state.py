@@ -27,7 +27,7 @@ Batch = dict[str, jax.Array]
 
 def _build(cfg: Config) -> tuple[Transformer, nnx.Optimizer]:
     model = Transformer(
-        cfg.model, causal=is_causal(cfg.objective), rngs=nnx.Rngs(cfg.seed), remat=cfg.train.remat
+        cfg.model, causal=is_causal(cfg.objective, cfg.model.causal), rngs=nnx.Rngs(cfg.seed), remat=cfg.train.remat
     )
     optimizer = nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
     return model, optimizer

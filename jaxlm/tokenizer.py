@@ -41,7 +41,13 @@ class Tokenizer(Protocol):
         """A readable form of one id (fill-mask output)."""
 
 
-class ByteTokenizer:
+class _SpecialIds:
+    """The special ids as attributes (the same in every tokenizer for now)."""
+
+    pad_id, bos_id, eos_id, mask_id, cls_id, sep_id, unk_id = PAD_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID, UNK_ID
+
+
+class ByteTokenizer(_SpecialIds):
     """One id per UTF-8 byte, after the special ids: lossless on any text, no training."""
 
     offset = len(SPECIAL_TOKENS)
@@ -69,7 +75,7 @@ class ByteTokenizer:
         return chr(byte) if 32 <= byte < 127 else f"<0x{byte:02X}>"
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_SpecialIds):
     """A trained SentencePiece model (byte fallback, no normalisation: lossless on any text)."""
 
     def __init__(self, path: Path):

@@ -19,7 +19,7 @@ from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.evaluate import Evaluator
 from jaxlm.flops import flops_per_token, mfu, peak_flops
 from jaxlm.metrics import MetricsLog
-from jaxlm.objectives import example_fn
+from jaxlm.objectives import example_fn, record_encoder
 from jaxlm.preemption import StopRequest
 from jaxlm.resume import initial_state
 from jaxlm.run import RunDir, RunLock, open_run, warn
@@ -84,8 +84,8 @@ def _start(cfg: Config, run: RunDir, devices: list[jax.Device] | None, force_res
     if is_main:
         print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False), flush=True)
         run.keep_tokenizer(cfg)
-    train_source = open_split(cfg.data, cfg.data.train_split)
-    evaluator = Evaluator(setup, open_split(cfg.data, cfg.data.eval_split), tokenizer)
+    train_source = open_split(cfg.data, cfg.data.train_split, cfg.objective)
+    evaluator = Evaluator(setup, open_split(cfg.data, cfg.data.eval_split, cfg.objective), tokenizer)
     check_batch_size(cfg, setup)
 
     def new_iterator():
@@ -99,13 +99,14 @@ def _start(cfg: Config, run: RunDir, devices: list[jax.Device] | None, force_res
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             worker_count=cfg.data.worker_count,
+            encoder=record_encoder(cfg, tokenizer),
         )
         place = functools.partial(global_batch, sharding=setup.batch_sharding)
         return iter(device_prefetch(batches, place, cfg.data.prefetch_batches))
 
     checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint)
     cleanup.callback(checkpointer.close)  # waits for the last async save
-    dataset = dataset_manifest(cfg.data)
+    dataset = dataset_manifest(cfg.data, cfg.objective)
     log = warn if is_main else (lambda message: None)
     start, state, train_iter = initial_state(run, checkpointer, setup, new_iterator, dataset,
                                              force_resume, log)
