@@ -1,4 +1,4 @@
-"""`jaxlm train | eval | generate | fill-mask | tokenizer`: argument parsing and the user-error boundary (exit code 2)."""
+"""`jaxlm train | eval | generate | fill-mask | predict | tokenizer`: argument parsing and the user-error boundary (exit code 2)."""
 
 from __future__ import annotations
 
@@ -126,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="nucleus sampling: from the likeliest tokens whose probability reaches p; 1 = all",
     )
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_input_file(generate, "seq2seq_lm runs: complete the input of each record (JSONL, or CSV by "
+                    "its .csv suffix; field data.fields.input), printed as one JSON line per record: "
+                    '{"input": ..., "text": ...}')
     _add_overrides(generate)
+    _add_predict(commands, run_help)
 
     fill = commands.add_parser(
         "fill-mask",
@@ -192,9 +196,10 @@ def _eval(args: argparse.Namespace) -> None:
     import jax
 
     from jaxlm import distributed
-    from jaxlm.run import load_run
+    from jaxlm.run import RunDir, load_run
     from jaxlm.data import open_split
     from jaxlm.evaluate import Evaluator
+    from jaxlm.task_eval import exact_match
     from jaxlm.tokenizer import load_tokenizer
 
     if args.pseudo_ppl_examples is not None and args.pseudo_ppl_examples < 0:
@@ -204,11 +209,14 @@ def _eval(args: argparse.Namespace) -> None:
     if args.pseudo_ppl_examples is None:
         args.pseudo_ppl_examples = cfg.train.pseudo_ppl_examples
     split = args.split or cfg.data.eval_split
-    evaluator = Evaluator(setup, open_split(cfg.data, split, cfg.objective),
-                          load_tokenizer(cfg.data.tokenizer))
+    source, tokenizer = open_split(cfg.data, split, cfg.objective), load_tokenizer(cfg.data.tokenizer)
+    evaluator = Evaluator(setup, source, tokenizer, RunDir(args.run).read_labels(cfg.model.num_labels))
     result = {"run": str(args.run), "step": step, "split": split, **evaluator(params, args.batches)}
     if cfg.objective == "mlm" and args.pseudo_ppl_examples:
         result.update(evaluator.pseudo_perplexity(params, args.pseudo_ppl_examples))
+    if cfg.objective == "seq2seq_lm":  # greedy completions of as many records as batches hold
+        count = args.batches * cfg.train.batch_size if args.batches else len(source)
+        result.update(exact_match(setup, params, tokenizer, source, count))
     if jax.process_index() == 0:
         print(json.dumps(result))
 
@@ -226,6 +234,9 @@ def _generate(args: argparse.Namespace) -> None:
     cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
     if not is_causal(cfg.objective, cfg.model.causal) or cfg.objective == "classify":
         raise UserError(f"generate needs a causal LM; {args.run} was trained with {cfg.objective}")
+    if args.input_file is not None:
+        _generate_file(args, cfg, setup, params)
+        return
     prompts = args.prompt or [""]
     texts = generate(
         setup,
@@ -243,6 +254,73 @@ def _generate(args: argparse.Namespace) -> None:
         return
     for prompt, text in zip(prompts, texts):
         print(json.dumps({"prompt": prompt, "text": text}))
+
+
+def _add_input_file(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--input-file", type=Path, default=None, metavar="FILE", help=help_text)
+
+
+def _generate_file(args: argparse.Namespace, cfg, setup, params) -> None:
+    """`generate --input-file`: one completion per record of a seq2seq run."""
+    from jaxlm.datasets.tasks import read_inference_file
+    from jaxlm.task_eval import complete
+    from jaxlm.tasks import formatted
+    from jaxlm.tokenizer import load_tokenizer
+
+    if cfg.objective != "seq2seq_lm":
+        raise UserError(f"--input-file needs a seq2seq_lm run; {args.run} was trained with "
+                        f"{cfg.objective} (use --prompt)")
+    records = [r for _, r in read_inference_file(args.input_file, "seq2seq_lm", cfg.data.fields)]
+    inputs = [formatted(r, "input", cfg.data.template) for r in records]
+    texts = complete(setup, params, load_tokenizer(cfg.data.tokenizer), inputs,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for record, text in zip(records, texts):
+        print(json.dumps({"input": record["input"], "text": text}))
+
+
+def _add_predict(commands: argparse._SubParsersAction, run_help: str) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="label each record of a file with a classify checkpoint",
+        description="Print one JSON line per record of FILE: the predicted label and its "
+        "probability (and the record's own label, where it has one).",
+    )
+    predict.add_argument("--run", type=Path, required=True, help=run_help)
+    _add_input_file(predict, "JSONL, or CSV by its .csv suffix, with the run's data.fields "
+                    "(text, optional text_pair and label)")
+    predict.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    _add_overrides(predict)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import jax
+    import numpy as np
+
+    from jaxlm.datasets.tasks import label_ids, read_inference_file
+    from jaxlm.objectives import record_encoder
+    from jaxlm.run import RunDir, load_run
+    from jaxlm.task_eval import classify_probs
+    from jaxlm.tokenizer import load_tokenizer
+
+    if args.input_file is None:
+        raise UserError("predict needs --input-file FILE (JSONL or CSV records)")
+    cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
+    if cfg.objective != "classify":
+        raise UserError(f"predict needs a classify run; {args.run} was trained with {cfg.objective}")
+    names = RunDir(args.run).read_labels(cfg.model.num_labels)
+    lines = read_inference_file(args.input_file, "classify", cfg.data.fields)
+    records = [r for _, r in lines]
+    labelled = all("label" in r for r in records)
+    truth = label_ids(lines, names, args.input_file) if labelled else None
+    probs_NxC = classify_probs(setup, params, record_encoder(cfg, load_tokenizer(cfg.data.tokenizer)),
+                               records)
+    for n, probs_C in enumerate(probs_NxC):
+        best = int(np.argmax(probs_C))
+        row = {"label": names[best], "probability": round(float(probs_C[best]), 6)}
+        if truth is not None:
+            row["true_label"] = names[truth[n]]
+        print(json.dumps(row))
 
 
 def _fill_mask(args: argparse.Namespace) -> None:
@@ -287,7 +365,7 @@ def _tokenizer(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": _train, "eval": _eval, "generate": _generate, "fill-mask": _fill_mask,
-                "tokenizer": _tokenizer}
+                "predict": _predict, "tokenizer": _tokenizer}
     try:
         commands[args.command](args)
     except UserError as err:

@@ -300,6 +300,11 @@ def pad_batch(batch: Example, rows: int) -> Example:
     return {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
 
 
+def label_names(cfg: DataConfig) -> list[str]:
+    """Class names by id of a classification dataset's training records (checked first)."""
+    return list(task_files.load(_task_config(cfg, "classify"))[1])
+
+
 def dataset_manifest(cfg: DataConfig, objective: str = "clm") -> dict[str, Any] | None:
     """What a checkpoint's data position refers to: each source file's content digest by its
     corpus-relative path (None for TFDS catalog datasets, which are versioned by TFDS)."""

@@ -17,6 +17,7 @@ from jaxlm.errors import UserError
 from jaxlm.objectives import example_fn, record_encoder
 from jaxlm.sharding import batch_shards, global_batch
 from jaxlm.state import Setup, make_eval_step
+from jaxlm.task_eval import classification_summary
 from jaxlm.tokenizer import MASK_ID, SPECIAL_TOKENS, Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -25,15 +26,21 @@ Batch = dict[str, np.ndarray]
 class Evaluator:
     """Compiles the eval step once and runs ordered passes over one split's data source."""
 
-    def __init__(self, setup: Setup, source: Any, tokenizer: Tokenizer):
+    def __init__(self, setup: Setup, source: Any, tokenizer: Tokenizer,
+                 label_names: list[str] | None = None):
         self.setup, self.source, self.tokenizer = setup, source, tokenizer
+        self.label_names = label_names or [str(i) for i in range(setup.cfg.model.num_labels or 0)]
         self.step = make_eval_step(setup)
         self.byte_lengths_V = jnp.asarray(_padded(tokenizer.byte_lengths(), setup.cfg.model.vocab_size))
         shards = batch_shards(setup.batch_sharding)
         self.global_rows = -(-setup.cfg.train.batch_size // shards) * shards
 
-    def __call__(self, params: Any, max_batches: int | None = None) -> dict[str, float]:
-        return summarize(self._totals(params, self._batches(), max_batches))
+    def __call__(self, params: Any, max_batches: int | None = None) -> dict[str, Any]:
+        totals = self._totals(params, self._batches(), max_batches)
+        summary = summarize(totals)
+        if "confusion_CxC" in totals:  # classify: accuracy, macro-F1 and per-class counts
+            summary.update(classification_summary(totals["confusion_CxC"], self.label_names))
+        return summary
 
     def pseudo_perplexity(self, params: Any, rows: int) -> dict[str, float]:
         """exp(mean -log p(token | the row with only that token masked)) over `rows` eval rows

@@ -206,6 +206,13 @@ class Transformer(nnx.Module):
         self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array
     ) -> Array:
         """The network after the token lookup (a seam for gradients w.r.t. input positions)."""
+        return self.head(self._layers(x_BxLxD, segment_ids_BxL, positions_BxL))
+
+    def hidden(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array) -> Array:
+        """Final-normed hidden states of the last block: what task heads read."""
+        return self.final_norm(self._layers(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL))
+
+    def _layers(self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array) -> Array:
         x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
         block_def, block_state = nnx.split(self.blocks)
 
@@ -217,7 +224,7 @@ class Transformer(nnx.Module):
         if self.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, block_state)
-        return self.head(x_BxLxD)
+        return x_BxLxD
 
     def cached(
         self, tokens_BxT: Array, positions_BxT: Array, cache: KVCache

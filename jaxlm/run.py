@@ -4,6 +4,7 @@ for training (`open_run`) or for reading a checkpoint (`load_run`: eval, generat
 Layout of `<run_dir>`:
   config.yaml            resolved config of the latest start (also inside every checkpoint)
   tokenizer.model        the run's copy of a SentencePiece model (self-contained checkpoints)
+  labels.json            classify: the class names by id
   metrics.jsonl          one JSON record per logged step and per eval
   metrics.<time>.jsonl   history of an earlier start that restored no checkpoint, kept aside
   tensorboard/           the same scalars as TensorBoard events (tensorboard.<time>/ kept aside)
@@ -34,6 +35,7 @@ from jax.experimental import multihost_utils
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer, CheckpointDamaged
 from jaxlm.config import CheckpointConfig, Config
+from jaxlm.data import label_names
 from jaxlm.errors import UserError
 from jaxlm.state import Setup, make_setup
 from jaxlm.tokenizer import SENTENCEPIECE_PREFIX, Tokenizer, load_tokenizer, sentencepiece_path
@@ -58,6 +60,10 @@ class RunDir:
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer.model"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels.json"
 
     @property
     def metrics(self) -> Path:
@@ -109,6 +115,21 @@ class RunDir:
                 f"({self.tokenizer}); put that one back (cp {self.tokenizer} {source}) or start a "
                 "new train.run_dir"
             )
+
+    def keep_labels(self, names: list[str]) -> None:
+        """Saves a classifier's class names by id; a resume whose data numbers them otherwise is
+        refused (the head's outputs would mean other classes)."""
+        if not self.labels.exists():
+            _write_atomically(self.labels, json.dumps(names).encode())
+        elif self.read_labels() != names:
+            raise UserError(f"the labels of the data ({names}) differ from the ones this run was "
+                            f"trained with ({self.read_labels()}); start a new train.run_dir")
+
+    def read_labels(self, count: int | None = None) -> list[str]:
+        """The class names by id (their ids as names where the run saved none)."""
+        if self.labels.exists():
+            return json.loads(self.labels.read_text())
+        return [str(i) for i in range(count or 0)]
 
     def set_history_aside(self, log: Log) -> None:
         """A start from step 0 keeps earlier metrics and events under a timestamped name."""
@@ -194,7 +215,15 @@ def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
         raise UserError(
             f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({tokenizer.vocab_size})"
         )
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    labels = cfg.model.num_labels
+    if cfg.objective == "classify":
+        names = label_names(cfg.data)
+        labels = labels or len(names)
+        if labels < len(names):
+            raise UserError(f"model.num_labels ({labels}) is smaller than the {len(names)} labels "
+                            "of the data; raise it or leave it null")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab,
+                                                              num_labels=labels))
 
 
 def open_run(cfg: Config, devices: list[jax.Device] | None = None) -> tuple[Config, Tokenizer, Setup]:

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlm import sharding
 from jaxlm.config import Config
+from jaxlm.heads import build_model, forward
 from jaxlm.model import Transformer
 from jaxlm.objectives import is_causal, mean_loss, weighted_sums
 from jaxlm.optim import make_optimizer, schedule
@@ -26,9 +27,7 @@ Batch = dict[str, jax.Array]
 
 
 def _build(cfg: Config) -> tuple[Transformer, nnx.Optimizer]:
-    model = Transformer(
-        cfg.model, causal=is_causal(cfg.objective, cfg.model.causal), rngs=nnx.Rngs(cfg.seed), remat=cfg.train.remat
-    )
+    model = build_model(cfg, is_causal(cfg.objective, cfg.model.causal), nnx.Rngs(cfg.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
     return model, optimizer
 
@@ -107,7 +106,7 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
         before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None
         model = nnx.merge(setup.model_def, state["params"])
         optimizer = nnx.merge(setup.opt_def, state["opt"])
-        grads, sums = _summed_grads(model, batch, accum)
+        grads, sums = _summed_grads(model, batch, accum, setup.cfg.objective)
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(mean_loss(sums)) & jnp.isfinite(grad_norm)
@@ -127,14 +126,13 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
     )
 
 
-def _summed_grads(model: Transformer, batch: Batch, accum: int) -> tuple[nnx.State, dict]:
+def _summed_grads(model: Transformer, batch: Batch, accum: int, objective: str) -> tuple[nnx.State, dict]:
     """Gradients of the *summed* weighted loss and the weighted sums, over `accum` microbatches."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_sum(params: nnx.State, micro: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         micro_model = nnx.merge(graphdef, params, rest)
-        logits_BxLxV = micro_model(micro["inputs"], micro["segment_ids"], micro["positions"])
-        sums = weighted_sums(logits_BxLxV, micro)
+        sums = weighted_sums(forward(micro_model, micro, objective), micro)
         return sums["loss_sum"], sums
 
     grad_fn = jax.grad(loss_sum, has_aux=True)
@@ -176,12 +174,16 @@ def make_eval_step(setup: Setup) -> Callable[[nnx.State, Batch], dict[str, jax.A
     def eval_step(params: nnx.State, batch: Batch, byte_lengths_V: jax.Array) -> dict:
         model = nnx.merge(setup.model_def, params)
         with sharding.activation_sharding(setup.mesh, setup.rules):
-            logits_BxLxV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+            logits_BxLxV = forward(model, batch, setup.cfg.objective)
         sums = weighted_sums(logits_BxLxV, batch)
         sums["byte_sum"] = (byte_lengths_V[batch["targets"]] * batch["weights"]).sum()
         # Weighted count of each target id: the majority-token baseline's accuracy.
         sums["target_counts_V"] = jnp.zeros_like(byte_lengths_V, jnp.float32).at[
             batch["targets"]].add(batch["weights"])
+        if setup.cfg.objective == "classify":  # rows: true class, columns: predicted
+            classes = logits_BxLxV.shape[-1]
+            sums["confusion_CxC"] = jnp.zeros((classes, classes), jnp.float32).at[
+                batch["targets"], jnp.argmax(logits_BxLxV, axis=-1)].add(batch["weights"])
         return sums
 
     replicated = sharding.replicated(setup.mesh)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config
-from jaxlm.data import dataset_manifest, device_prefetch, open_split, train_pipeline
+from jaxlm.data import dataset_manifest, device_prefetch, label_names, open_split, train_pipeline
 from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.evaluate import Evaluator
 from jaxlm.flops import flops_per_token, mfu, peak_flops
@@ -84,8 +84,11 @@ def _start(cfg: Config, run: RunDir, devices: list[jax.Device] | None, force_res
     if is_main:
         print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False), flush=True)
         run.keep_tokenizer(cfg)
+        if cfg.objective == "classify":
+            run.keep_labels(label_names(cfg.data))
     train_source = open_split(cfg.data, cfg.data.train_split, cfg.objective)
-    evaluator = Evaluator(setup, open_split(cfg.data, cfg.data.eval_split, cfg.objective), tokenizer)
+    evaluator = Evaluator(setup, open_split(cfg.data, cfg.data.eval_split, cfg.objective), tokenizer,
+                          run.read_labels(cfg.model.num_labels))
     check_batch_size(cfg, setup)
 
     def new_iterator():

@@ -102,7 +102,7 @@ def test_mlm_with_sentencepiece_pretrain_eval_fill_mask_and_finetune(tmp_path, c
     assert "differs from the one this run was trained with" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "generate", "fill-mask"])
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "fill-mask", "predict"])
 def test_help_explains_every_flag(command, capsys):
     subparsers = next(a for a in build_parser()._actions if a.dest == "command")
     for action in subparsers.choices[command]._actions:
@@ -128,7 +128,7 @@ def test_each_bad_input_names_its_fix(tmp_path, corpus, cache_dir, capsys):
         "no file matches": ["train", "--config", cfg, "--set", f"data.paths=[{tmp_path}/none/*.txt]"],
         "exceeds model.max_seq_len": ["train", "--config", cfg, "--set", "data.seq_len=128"],
         "holds no checkpoints": ["eval", "--run", tmp_path / "never-trained"],
-        "'objective' must be one of ['clm', 'mlm']": ["train", "--config", cfg, "--set", "objective=xlm"],
+        "'objective' must be one of ['clm', 'mlm',": ["train", "--config", cfg, "--set", "objective=xlm"],
         "data.mask_rate must be in (0, 1)": ["train", "--config", cfg, "--set", "data.mask_rate=1.5"],
         "missing.model cannot be read": ["train", "--config", cfg,
                                          "--set", f"data.tokenizer=sentencepiece:{tmp_path}/missing.model"],

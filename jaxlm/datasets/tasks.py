@@ -40,6 +40,7 @@ class TaskConfig(tfds.core.BuilderConfig):
     objective: str = "classify"
     fields: tuple[tuple[str, str], ...] = ()  # (role, column) pairs
     validation_percent: float = 5.0
+    inference: bool = False  # files to predict on: only the input (text) role is required
 
 
 def roles(cfg: TaskConfig) -> tuple[str, ...]:
@@ -69,12 +70,13 @@ def _checked(raw: Any, path: Path, line: int, cfg: TaskConfig) -> Record:
     if not isinstance(raw, dict):
         raise UserError(f"{_where(path, line)}: expected a JSON object, got {type(raw).__name__}")
     fields = dict(cfg.fields)
+    required = ROLES[cfg.objective][:1] if cfg.inference else ROLES[cfg.objective]
     record = {}
     for role in roles(cfg):
         column = fields.get(role, role)
         value = raw.get(column)
         if value is None:
-            if role in OPTIONAL_ROLES[cfg.objective] and role not in fields:
+            if role not in required and (cfg.inference or role not in fields):
                 continue
             raise UserError(f"{_where(path, line)}: no field '{column}' (data.fields.{role}); "
                             f"fields here: {sorted(raw)}")
@@ -120,6 +122,18 @@ def read_records(path: Path, cfg: TaskConfig) -> list[tuple[int, Record]]:
         return (_read_csv if cfg.file_format == "csv" else _read_jsonl)(path, cfg)
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot be read as UTF-8 text ({err})") from None
+
+
+def read_inference_file(path: Path, objective: str, fields: dict[str, str]) -> list[tuple[int, Record]]:
+    """(line, record) of a file to run a model on (`.csv` is CSV, anything else JSONL)."""
+    if not path.is_file():
+        raise UserError(f"--input-file {path} does not exist; give a JSONL or CSV file")
+    cfg = TaskConfig(name="inference", file_format="csv" if path.suffix.lower() == ".csv" else "jsonl",
+                     objective=objective, fields=tuple(sorted(fields.items())), inference=True)
+    records = read_records(path, cfg)
+    if not records:
+        raise UserError(f"--input-file {path} holds no records")
+    return records
 
 
 def _keyed(root: str, files: list[Path], cfg: TaskConfig) -> dict[str, tuple[Path, int, Record]]:

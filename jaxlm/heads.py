@@ -1,0 +1,71 @@
+"""Task heads on the Transformer backbone, and the one forward pass every step calls.
+
+An objective's head is an attribute of the model: `lm_head`/`mlm_head` (token logits, in
+model.py) or `task_head` here. A classifier replaces the token heads, so the backbone's params keep
+their names whatever the objective and `init_from` can match them across objectives.
+Shape legend: B batch, L sequence, D d_model, C classes.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jaxlm.config import Config, ModelConfig
+from jaxlm.model import Transformer, _dense_init
+
+Array = jax.Array
+# Params of the heads (top-level attribute names): what `init_heads: reinit` creates or drops.
+HEAD_NAMES = ("lm_head", "mlm_head", "task_head")
+
+
+class Pooler(nnx.Module):
+    """BERT's pooler: dense + tanh over the `[cls]` position's hidden state."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(cfg.d_model, cfg.d_model, dtype=cfg.compute_dtype,
+                                param_dtype=cfg.param_dtype, **_dense_init(0.02, ("embed", None)),
+                                bias_metadata={"out_sharding": (None,)}, rngs=rngs)
+
+    def __call__(self, x_BxLxD: Array) -> Array:
+        return jax.numpy.tanh(self.dense(x_BxLxD))
+
+
+class ClassifierHead(nnx.Module):
+    """Encoder: pooler -> dropout -> linear; decoder: linear on the hidden state. Applied at every
+    position (the loss weights pick `[cls]` or the last token), so packed rows need no gather."""
+
+    def __init__(self, cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs):
+        self.pooler = None if causal else Pooler(cfg, rngs=rngs)
+        self.dropout = cfg.dropout
+        self.out = nnx.Linear(cfg.d_model, cfg.num_labels, dtype=cfg.compute_dtype,
+                              param_dtype=cfg.param_dtype, **_dense_init(0.02, ("embed", None)),
+                              bias_metadata={"out_sharding": (None,)}, rngs=rngs)
+
+    def __call__(self, x_BxLxD: Array, dropout_key: Array | None = None) -> Array:
+        if self.pooler is not None:
+            x_BxLxD = self.pooler(x_BxLxD)
+            if dropout_key is not None and self.dropout > 0:
+                keep_BxLxD = jax.random.bernoulli(dropout_key, 1 - self.dropout, x_BxLxD.shape)
+                x_BxLxD = jax.numpy.where(keep_BxLxD, x_BxLxD / (1 - self.dropout), 0)
+        return self.out(x_BxLxD).astype(jax.numpy.float32)
+
+
+def build_model(cfg: Config, causal: bool, rngs: nnx.Rngs) -> Transformer:
+    """The backbone with the head of `cfg.objective`."""
+    model = Transformer(cfg.model, causal=causal, rngs=rngs, remat=cfg.train.remat)
+    if cfg.objective == "classify":
+        if cfg.model.num_labels is None:
+            raise ValueError("ModelConfig.num_labels must be resolved from the data first")
+        model.lm_head = model.mlm_head = None  # no token predictions: the classifier replaces them
+        with nnx.use_eager_sharding(False):
+            model.task_head = ClassifierHead(cfg.model, causal=causal, rngs=rngs)
+    return model
+
+
+def forward(model: Transformer, batch: dict[str, Array], objective: str) -> Array:
+    """Logits at every position: over the vocabulary, or over the classes for classify."""
+    if objective == "classify":
+        hidden_BxLxD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
+        return model.task_head(hidden_BxLxD)
+    return model(batch["inputs"], batch["segment_ids"], batch["positions"])
