@@ -284,6 +284,11 @@ def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         if not hasattr(leaf, "shape"):
             continue
-        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-        shapes[".".join(n for n in names if n != "value")] = tuple(leaf.shape)
+        shapes[leaf_name(path)] = tuple(leaf.shape)
     return shapes
+
+
+def leaf_name(path: tuple) -> str:
+    """The dotted name of a state leaf's tree path, as errors and reports print it."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return ".".join(n for n in names if n != "value")

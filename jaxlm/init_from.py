@@ -1,4 +1,9 @@
-"""`init_from: RUN_DIR[@STEP]`: a new run starts from another run's params (pretrain -> fine-tune)."""
+"""`init_from: RUN_DIR[@STEP]`: a new run starts from another run's params (pretrain -> fine-tune).
+
+`init_heads: strict` needs every parameter to match; `reinit` loads the backbone (every parameter
+outside the heads), keeps this model's freshly initialized head and drops the source's head, and
+prints which parameters were loaded, created and dropped.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,20 @@ from typing import Any
 
 import jax
 
-from jaxlm.checkpoint import CheckpointDamaged, shapes
+from jaxlm.checkpoint import CheckpointDamaged, leaf_name, shapes
 from jaxlm.errors import UserError
+from jaxlm.heads import HEAD_NAMES
 from jaxlm.run import RunDir, read_only_checkpointer, saved_config
-from jaxlm.state import Setup, make_setup
+from jaxlm.state import Setup, init_state, make_setup
 from jaxlm.tokenizer import load_tokenizer, sentencepiece_path
 
 
-def params_from(spec: str, setup: Setup) -> Any:
-    """Params of checkpoint `RUN_DIR[@STEP]` laid out for `setup`.
+def params_from(spec: str, setup: Setup, fresh: Any | None = None) -> Any:
+    """Params of checkpoint `RUN_DIR[@STEP]` laid out for `setup` (`fresh`: this model's newly
+    initialized params, whose heads `init_heads: reinit` keeps; None: initialized here).
 
-    Every parameter must exist in both models with the same shape; the first that does not is
-    named in the error.
+    Every parameter compared must exist in both models with the same shape; the first that does
+    not is named in the error.
     """
     run_text, _, step_text = spec.rpartition("@") if "@" in spec else (spec, "", "")
     if step_text and not step_text.isdigit():
@@ -33,7 +40,13 @@ def params_from(spec: str, setup: Setup) -> Any:
         where = f"init_from {run.root}@{step}"
         try:
             source_cfg = saved_config(checkpointer, run, step)
-            _check_matches(where, source_cfg, setup)
+            _check_tokenizer(where, source_cfg, setup)
+            if setup.cfg.init_heads == "reinit":
+                source_setup = make_setup(source_cfg)
+                _check_matches(where, source_cfg, source_setup, setup, backbone_only=True)
+                fresh = init_state(setup)["params"] if fresh is None else fresh
+                return _backbone_from(checkpointer.restore_params(step, source_setup), fresh, setup)
+            _check_matches(where, source_cfg, make_setup(source_cfg, jax.devices()[:1]), setup)
             return checkpointer.restore_params(step, setup)
         except CheckpointDamaged as err:
             raise UserError(f"{where}: the checkpoint is unreadable ({err}); name another step") from None
@@ -41,7 +54,32 @@ def params_from(spec: str, setup: Setup) -> Any:
         checkpointer.close()
 
 
-def _check_matches(where: str, source_cfg: Any, setup: Setup) -> None:
+def _is_head(name: str) -> bool:
+    return name.split(".")[0] in HEAD_NAMES
+
+
+def _backbone_from(source: Any, fresh: Any, setup: Setup) -> Any:
+    """`fresh` with every backbone leaf replaced by the source's (placed for `setup`); reports
+    what was loaded, created and dropped."""
+    loaded = {leaf_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(source)
+              if not _is_head(leaf_name(p))}
+
+    def pick(path: tuple, leaf: jax.Array, sharding: Any) -> jax.Array:
+        name = leaf_name(path)
+        return leaf if _is_head(name) else jax.device_put(loaded[name], sharding)
+
+    params = jax.tree_util.tree_map_with_path(pick, fresh, setup.shardings["params"])
+    if jax.process_index() == 0:
+        created = sorted(n for n in shapes(fresh) if _is_head(n))
+        dropped = sorted(n for n in shapes(source) if _is_head(n))
+        print(f"init_heads reinit: loaded {len(loaded)} backbone parameters: {', '.join(sorted(loaded))}",
+              flush=True)
+        print(f"init_heads reinit: created {', '.join(created) or 'nothing'}", flush=True)
+        print(f"init_heads reinit: dropped {', '.join(dropped) or 'nothing'}", flush=True)
+    return params
+
+
+def _check_tokenizer(where: str, source_cfg: Any, setup: Setup) -> None:
     if _tokenizer_identity(source_cfg.data.tokenizer) != _tokenizer_identity(setup.cfg.data.tokenizer):
         raise UserError(
             f"{where}: that run's tokenizer ({source_cfg.data.tokenizer}) differs from "
@@ -49,18 +87,27 @@ def _check_matches(where: str, source_cfg: Any, setup: Setup) -> None:
             "use that run's tokenizer.model (data.tokenizer=sentencepiece:RUN_DIR/tokenizer.model) "
             "or bytes as it did"
         )
-    source = shapes(make_setup(source_cfg, jax.devices()[:1]).abstract["params"])
+
+
+def _check_matches(where: str, source_cfg: Any, source_setup: Setup, setup: Setup,
+                   backbone_only: bool = False) -> None:
+    source = shapes(source_setup.abstract["params"])
     target = shapes(setup.abstract["params"])
-    for name in source.keys() - target.keys():
+    if backbone_only:
+        source = {k: v for k, v in source.items() if not _is_head(k)}
+        target = {k: v for k, v in target.items() if not _is_head(k)}
+    fix = "start from a matching run" if backbone_only else (
+        "set init_heads=reinit to load only the backbone, or start from a matching run")
+    for name in sorted(source.keys() - target.keys()):
         raise UserError(
             f"{where}: that run has parameter '{name}' this model lacks "
-            f"(it trained objective {source_cfg.objective}); start from a matching run"
+            f"(it trained objective {source_cfg.objective}); {fix}"
         )
     for name, shape in target.items():
         if name not in source:
             raise UserError(
                 f"{where}: parameter '{name}' does not exist there "
-                f"(that run trained objective {source_cfg.objective}); start from a matching run"
+                f"(that run trained objective {source_cfg.objective}); {fix}"
             )
         if source[name] != shape:
             raise UserError(

@@ -41,6 +41,7 @@ SAFE_TO_CHANGE = (
     "data.prefetch_batches",  # (not data.worker_count: workers reorder the batches, and the
     # saved iterator state of one worker count does not restore into another)
     "init_from",  # only read when a run starts
+    "init_heads",
     "optimizer.",
     "checkpoint.",
     "mesh.",
@@ -124,7 +125,7 @@ def initial_state(
         run.set_history_aside(log)
     state = init_state(setup)
     if setup.cfg.init_from:
-        state["params"] = params_from(setup.cfg.init_from, setup)
+        state["params"] = params_from(setup.cfg.init_from, setup, state["params"])
     return 0, state, new_iterator()
 
 
