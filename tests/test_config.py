@@ -1,9 +1,13 @@
 from pathlib import Path
 
+import dataclasses
+import typing
+
 import pytest
 
 from jaxlm.config import Config, load_config, save_yaml
 from jaxlm.errors import UserError
+from jaxlm.ranges import CONFIG_RANGES
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -57,7 +61,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("objective=bert", "'objective' must be one of"),
         ("data.seq_len=4096", "exceeds model.max_seq_len"),
         ("model.n_heads=3", "divisible by model.n_heads"),
-        ("train.steps=0", "'train.steps' must be positive"),
+        ("train.steps=0", "'train.steps' must be an integer >= 1, got 0"),
         ("model", "must look like section.key=value"),
     ],
 )
@@ -82,3 +86,40 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(CONFIGS / "tiny_clm.yaml", ["data.paths=[x]"])
     save_yaml(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def _numeric_keys(cls: type = Config, prefix: str = "") -> set[str]:
+    """Dotted keys of every int/float field (optional ones included) of the config dataclasses;
+    mesh.axes sizes are sharding.make_mesh's to check (it alone knows mesh axes)."""
+    keys = set()
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys |= _numeric_keys(tp, f"{prefix}{name}.")
+        elif typing.get_origin(tp) is not dict and {int, float} & set(typing.get_args(tp) or (tp,)):
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def test_every_numeric_key_has_a_range():
+    assert set(CONFIG_RANGES) == _numeric_keys()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optimizer.warmup_steps=0",
+        "optimizer.grad_clip=0",
+        "optimizer.weight_decay=0",
+        "optimizer.min_lr_ratio=0",
+        "optimizer.min_lr_ratio=1",
+        "optimizer.b1=0",
+        "train.eval_every=0",
+        "train.pseudo_ppl_examples=0",
+        "data.validation_percent=0",
+        "data.worker_count=0",
+        "data.prefetch_batches=0",
+        "seed=4294967295",
+    ],
+)
+def test_values_on_the_edge_of_their_range_are_accepted(override):
+    load_config(None, [override])
