@@ -33,6 +33,9 @@ class Checkpointer:
         )
         self.directory = directory.absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Orbax removes stale tmp dirs in a thread that neither close() nor exit waits for: a run
+        # stopped by a setup error right after this would die under it, printing a traceback.
+        self._manager._maybe_await_cleanup_tmp_directory()  # a directory listing: quick
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
