@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
+from jaxlm.config import SHIPPED_CONFIGS, config_path, shipped_config_names
 from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.ranges import AT_LEAST_0, AT_LEAST_1, SEED, Range
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_clm.yaml"
+DEFAULT_CONFIG_NAME = "tiny_clm"
+DEFAULT_CONFIG = SHIPPED_CONFIGS / f"{DEFAULT_CONFIG_NAME}.yaml"  # its file (tools/ take paths)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--config",
-        type=Path,
-        default=None,
-        help=f"YAML config file (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})",
+        default=DEFAULT_CONFIG_NAME,
+        metavar="FILE|NAME",
+        help="YAML config file, or the name of a config shipped with jaxlm "
+        f"({', '.join(shipped_config_names())}; default: {DEFAULT_CONFIG_NAME})",
     )
     _add_overrides(train)
     _add_distributed(train)
@@ -180,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fallback, lossless on any text) on the configured dataset's training split and write it "
         "to the PATH of the config's data.tokenizer: sentencepiece:PATH.",
     )
-    train_tok.add_argument("--config", type=Path, required=True, help="YAML config file")
+    train_tok.add_argument("--config", required=True, metavar="FILE|NAME",
+                           help="YAML config file, or the name of a config shipped with jaxlm")
     train_tok.add_argument("--vocab-size", type=_number(int, AT_LEAST_1), required=True,
                            help="pieces, specials included")
     train_tok.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram",
@@ -197,10 +201,7 @@ def _train(args: argparse.Namespace) -> None:
     from jaxlm.train import train
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    path = args.config or DEFAULT_CONFIG
-    if args.config is None and not path.exists():
-        raise UserError(f"default config {path} is missing; pass --config FILE")
-    cfg = load_config(path, args.overrides)
+    cfg = load_config(config_path(args.config), args.overrides)
     if args.dry_run:
         from jaxlm.dryrun import dry_run
         from jaxlm.tokenizer import load_tokenizer
@@ -293,7 +294,7 @@ def _tokenizer(args: argparse.Namespace) -> None:
     from jaxlm.data import open_split
     from jaxlm.tokenizer import sentencepiece_path, train_sentencepiece
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(config_path(args.config), args.overrides)
     output = sentencepiece_path(cfg.data.tokenizer)
     if output is None:
         raise UserError(f"data.tokenizer is '{cfg.data.tokenizer}'; set it to sentencepiece:PATH "

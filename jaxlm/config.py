@@ -7,6 +7,7 @@ one-line `UserError` naming the key, never a silent default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -259,6 +260,26 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
     return raw
+
+
+# The repository's configs/, shipped inside the package (jaxlm/configs links to it), so a name
+# like `tiny_clm` works from a wheel install as well as from a checkout.
+SHIPPED_CONFIGS = Path(str(importlib.resources.files("jaxlm") / "configs"))
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def config_path(spec: str) -> Path:
+    """The file `--config SPEC` means: a path, or (no '/' and no .yaml) a shipped config's name."""
+    if "/" in spec or spec.endswith((".yaml", ".yml")):
+        return Path(spec)
+    names = shipped_config_names()
+    if spec not in names:
+        raise UserError(f"--config {spec}: no such shipped config (shipped: {', '.join(names)}); "
+                        "give a YAML file's path, e.g. ./my.yaml")
+    return SHIPPED_CONFIGS / f"{spec}.yaml"
 
 
 def load_config(path: Path | None, overrides: list[str] = ()) -> Config:

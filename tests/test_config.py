@@ -5,7 +5,7 @@ import typing
 
 import pytest
 
-from jaxlm.config import Config, load_config, save_yaml
+from jaxlm.config import Config, config_path, load_config, save_yaml, shipped_config_names
 from jaxlm.errors import UserError
 from jaxlm.ranges import CONFIG_RANGES
 
@@ -123,3 +123,18 @@ def test_every_numeric_key_has_a_range():
 )
 def test_values_on_the_edge_of_their_range_are_accepted(override):
     load_config(None, [override])
+
+
+def test_shipped_configs_are_the_repository_configs():
+    assert shipped_config_names() == sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+    assert config_path("tiny_clm").read_bytes() == (CONFIGS / "tiny_clm.yaml").read_bytes()
+
+
+@pytest.mark.parametrize("spec", ["configs/tiny_clm.yaml", "tiny_clm.yaml", "./tiny_clm", "x.yml"])
+def test_a_path_stays_a_path(spec):
+    assert config_path(spec) == Path(spec)
+
+
+def test_unknown_config_name_lists_the_shipped_ones():
+    with pytest.raises(UserError, match="no such shipped config .*shipped: base, .*tiny_clm"):
+        config_path("tiny_gpt")
