@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,8 +103,16 @@ def _prepared_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not builder.is_prepared():
+            _remove_stale_builds(builder)
             builder.download_and_prepare()
     return builder
+
+
+def _remove_stale_builds(builder: tfds.core.DatasetBuilder) -> None:
+    """Deletes what killed builds of this dataset config left (TFDS never does). Only called
+    under the build lock: a live build of this config would hold it, so none is removed."""
+    for stale in Path(builder.data_dir).parent.glob(f"{tfds.core.constants.INCOMPLETE_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def open_split(cfg: DataConfig, split: str) -> Any:
