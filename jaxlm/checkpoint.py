@@ -128,6 +128,9 @@ class Checkpointer:
         )
         self.directory = directory.absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Orbax removes stale tmp dirs in a thread that neither close() nor exit waits for: a run
+        # stopped by a setup error right after this would die under it, printing a traceback.
+        self._manager._maybe_await_cleanup_tmp_directory()  # a directory listing: quick
         self._unconfirmed: int | None = None  # the last step saved, until it is seen committed
         self._errors = _StorageErrors()
         logging.getLogger("absl").addFilter(self._errors)
