@@ -10,6 +10,7 @@ checkpoint of another model or layout: never set aside) and `CheckpointWriteFail
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -101,7 +102,7 @@ class _StorageErrors(logging.Filter):
         return True
 
 
-def _ignore_closed_loop(unraisable: Any, previous: Callable = sys.unraisablehook) -> None:
+def _ignore_closed_loop(unraisable: Any, previous: Callable) -> None:
     """After a failed read or write, Orbax's futures call into its closed event loop at exit."""
     exc = unraisable.exc_value
     if not (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)):
@@ -110,8 +111,10 @@ def _ignore_closed_loop(unraisable: Any, previous: Callable = sys.unraisablehook
 
 def _quiet_leftovers() -> None:
     """Once a read or write failed, the leftovers of Orbax's async I/O stay quiet for good."""
+    if getattr(sys.unraisablehook, "func", None) is _ignore_closed_loop:
+        return
     logging.getLogger("asyncio").addFilter(_StorageErrors())
-    sys.unraisablehook = _ignore_closed_loop
+    sys.unraisablehook = functools.partial(_ignore_closed_loop, previous=sys.unraisablehook)
 
 
 class Checkpointer:
@@ -125,6 +128,9 @@ class Checkpointer:
         )
         self.directory = directory.absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Orbax removes stale tmp dirs in a thread that neither close() nor exit waits for: a run
+        # stopped by a setup error right after this would die under it, printing a traceback.
+        self._manager._maybe_await_cleanup_tmp_directory()  # a directory listing: quick
         self._unconfirmed: int | None = None  # the last step saved, until it is seen committed
         self._errors = _StorageErrors()
         logging.getLogger("absl").addFilter(self._errors)
@@ -135,6 +141,7 @@ class Checkpointer:
              dataset: dict[str, Any] | None = None) -> None:
         """Starts an (async) save; arrays are copied off the devices before this returns."""
         self.check_saves()
+        self._errors.error = None  # only errors logged while this save runs belong to it
         items = {
             "params": ocp.args.StandardSave(state["params"]),
             "opt": ocp.args.StandardSave(state["opt"]),
@@ -158,9 +165,12 @@ class Checkpointer:
             self._manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001 - narrowed to storage errors just below
             self._raise_write_failure(step, err)
-        self._manager.reload()
-        if self._errors.error is not None or step not in self._manager.all_steps():
+        if self._errors.error is not None:
             self._raise_write_failure(step, self._errors.error)
+        if jax.process_index() == 0:  # the primary commits; others may not see it yet
+            self._manager.reload()
+            if step not in self._manager.all_steps():
+                self._raise_write_failure(step, None)
         self._unconfirmed = None
 
     def wait(self) -> None:

@@ -7,10 +7,34 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable, NoReturn
 
+from jaxlm.config import SHIPPED_CONFIGS, config_path, shipped_config_names
 from jaxlm.errors import TrainingStopped, UserError
+from jaxlm.ranges import AT_LEAST_0, AT_LEAST_1, SEED, Range
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_clm.yaml"
+DEFAULT_CONFIG_NAME = "tiny_clm"
+DEFAULT_CONFIG = SHIPPED_CONFIGS / f"{DEFAULT_CONFIG_NAME}.yaml"  # its file (tools/ take paths)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _number(kind: type, allowed: Range) -> Callable[[str], float]:
+    """An argparse type: the flag's text as `kind`, refused outside `allowed`."""
+
+    def parse(text: str) -> float:
+        value = kind(text)  # a ValueError here is argparse's "invalid int value"
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"must be {allowed.describe(kind)}, got {value}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -32,12 +56,14 @@ def _add_distributed(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--coordinator", metavar="HOST:PORT", default=None,
                        help="address of process 0's coordinator service")
-    group.add_argument("--num-processes", type=int, default=None, help="processes in the job")
-    group.add_argument("--process-id", type=int, default=None, help="this process's index")
+    group.add_argument("--num-processes", type=_number(int, AT_LEAST_1), default=None,
+                       help="processes in the job")
+    group.add_argument("--process-id", type=_number(int, AT_LEAST_0), default=None,
+                       help="this process's index")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jaxlm",
         description="Train, evaluate and sample Transformer language models with JAX/Flax.",
     )
@@ -51,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--config",
-        type=Path,
-        default=None,
-        help=f"YAML config file (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})",
+        default=DEFAULT_CONFIG_NAME,
+        metavar="FILE|NAME",
+        help="YAML config file, or the name of a config shipped with jaxlm "
+        f"({', '.join(shipped_config_names())}; default: {DEFAULT_CONFIG_NAME})",
     )
     _add_overrides(train)
     _add_distributed(train)
@@ -72,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--stop-at",
-        type=int,
+        type=_number(int, AT_LEAST_1),
         default=None,
         metavar="STEP",
         help="end this session at STEP with a checkpoint; rerun to continue (time-sliced jobs)",
@@ -86,13 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint, restored onto whatever devices are present.",
     )
     evaluate.add_argument("--run", type=Path, required=True, help=run_help)
-    evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    evaluate.add_argument(
-        "--batches", type=int, default=None, help="evaluate only this many batches (default: all)"
-    )
+    evaluate.add_argument("--step", type=_number(int, AT_LEAST_0), default=None,
+                          help="checkpoint step (default: latest)")
+    evaluate.add_argument("--batches", type=_number(int, AT_LEAST_1), default=None,
+                          help="evaluate only this many batches (default: all)")
     evaluate.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
     evaluate.add_argument(
-        "--pseudo-ppl-examples", type=int, default=None, metavar="N",
+        "--pseudo-ppl-examples", type=_number(int, AT_LEAST_0), default=None, metavar="N",
         help="mlm runs: rows scored by pseudo-perplexity, each token masked in turn "
         "(default: train.pseudo_ppl_examples; 0 skips it)",
     )
@@ -113,19 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="text to continue (default: empty); repeat for a batch, printed as one JSON line "
         'per prompt: {"prompt": ..., "text": ...}',
     )
-    generate.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    generate.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample at most")
-    generate.add_argument(
-        "--temperature", type=float, default=0.8, help="softmax temperature; 0 means greedy"
-    )
-    generate.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest; 0 = all")
+    generate.add_argument("--step", type=_number(int, AT_LEAST_0), default=None,
+                          help="checkpoint step (default: latest)")
+    generate.add_argument("--max-new-tokens", type=_number(int, AT_LEAST_1), default=200,
+                          help="tokens to sample at most")
+    generate.add_argument("--temperature", type=_number(float, AT_LEAST_0), default=0.8,
+                          help="softmax temperature; 0 means greedy")
+    generate.add_argument("--top-k", type=_number(int, AT_LEAST_0), default=40,
+                          help="sample from the k likeliest; 0 = all")
     generate.add_argument(
         "--top-p",
-        type=float,
+        type=_number(float, Range(0, 1, open_low=True)),
         default=1.0,
         help="nucleus sampling: from the likeliest tokens whose probability reaches p; 1 = all",
     )
-    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate.add_argument("--seed", type=_number(int, SEED), default=0, help="sampling seed")
     _add_input_file(generate, "seq2seq_lm runs: complete the input of each record (JSONL, or CSV by "
                     "its .csv suffix; field data.fields.input), printed as one JSON line per record: "
                     '{"input": ..., "text": ...}')
@@ -139,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fill.add_argument("text", help="text with one or more [MASK], e.g. 'def [MASK](self):'")
     fill.add_argument("--run", type=Path, required=True, help=run_help)
-    fill.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    fill.add_argument("--top-k", type=int, default=5, help="candidates shown per mask")
+    fill.add_argument("--step", type=_number(int, AT_LEAST_0), default=None,
+                      help="checkpoint step (default: latest)")
+    fill.add_argument("--top-k", type=_number(int, AT_LEAST_1), default=5,
+                      help="candidates shown per mask")
     _add_overrides(fill)
 
     tokenizer = commands.add_parser(
@@ -157,11 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         "fallback, lossless on any text) on the configured dataset's training split and write it "
         "to the PATH of the config's data.tokenizer: sentencepiece:PATH.",
     )
-    train_tok.add_argument("--config", type=Path, required=True, help="YAML config file")
-    train_tok.add_argument("--vocab-size", type=int, required=True, help="pieces, specials included")
+    train_tok.add_argument("--config", required=True, metavar="FILE|NAME",
+                           help="YAML config file, or the name of a config shipped with jaxlm")
+    train_tok.add_argument("--vocab-size", type=_number(int, AT_LEAST_1), required=True,
+                           help="pieces, specials included")
     train_tok.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram",
                            help="SentencePiece algorithm (default: unigram)")
-    train_tok.add_argument("--max-documents", type=int, default=100_000,
+    train_tok.add_argument("--max-documents", type=_number(int, AT_LEAST_1), default=100_000,
                            help="train on at most this many documents of the split")
     _add_overrides(train_tok)
     return parser
@@ -173,10 +206,7 @@ def _train(args: argparse.Namespace) -> None:
     from jaxlm.train import train
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    path = args.config or DEFAULT_CONFIG
-    if args.config is None and not path.exists():
-        raise UserError(f"default config {path} is missing; pass --config FILE")
-    cfg = load_config(path, args.overrides)
+    cfg = load_config(config_path(args.config), args.overrides)
     if args.dry_run:
         from jaxlm.dryrun import dry_run
         from jaxlm.tokenizer import load_tokenizer
@@ -202,8 +232,6 @@ def _eval(args: argparse.Namespace) -> None:
     from jaxlm.task_eval import exact_match
     from jaxlm.tokenizer import load_tokenizer
 
-    if args.pseudo_ppl_examples is not None and args.pseudo_ppl_examples < 0:
-        raise UserError(f"--pseudo-ppl-examples must be >= 0, got {args.pseudo_ppl_examples}")
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     cfg, setup, params, step = load_run(args.run, args.step, args.overrides)
     if args.pseudo_ppl_examples is None:
@@ -229,8 +257,6 @@ def _generate(args: argparse.Namespace) -> None:
     from jaxlm.objectives import is_causal
     from jaxlm.tokenizer import load_tokenizer
 
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
     if not is_causal(cfg.objective, cfg.model.causal) or cfg.objective == "classify":
         raise UserError(f"generate needs a causal LM; {args.run} was trained with {cfg.objective}")
@@ -330,8 +356,6 @@ def _fill_mask(args: argparse.Namespace) -> None:
     from jaxlm.fill_mask import MASK_TEXT, fill_mask
     from jaxlm.tokenizer import load_tokenizer
 
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     if MASK_TEXT not in args.text:
         raise UserError(f"fill-mask text has no {MASK_TEXT}; write {MASK_TEXT} where a token is missing")
     cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
@@ -349,7 +373,7 @@ def _tokenizer(args: argparse.Namespace) -> None:
     from jaxlm.data import open_split
     from jaxlm.tokenizer import sentencepiece_path, train_sentencepiece
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(config_path(args.config), args.overrides)
     output = sentencepiece_path(cfg.data.tokenizer)
     if output is None:
         raise UserError(f"data.tokenizer is '{cfg.data.tokenizer}'; set it to sentencepiece:PATH "
@@ -363,10 +387,10 @@ def _tokenizer(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     commands = {"train": _train, "eval": _eval, "generate": _generate, "fill-mask": _fill_mask,
                 "predict": _predict, "tokenizer": _tokenizer}
     try:
+        args = build_parser().parse_args(argv)
         commands[args.command](args)
     except UserError as err:
         print(f"jaxlm: error: {err}", file=sys.stderr)

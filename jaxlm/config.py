@@ -7,6 +7,7 @@ one-line `UserError` naming the key, never a silent default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxlm.errors import UserError
+from jaxlm.ranges import check_config
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,26 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+# The repository's configs/, shipped inside the package (jaxlm/configs links to it), so a name
+# like `tiny_clm` works from a wheel install as well as from a checkout.
+SHIPPED_CONFIGS = Path(str(importlib.resources.files("jaxlm") / "configs"))
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def config_path(spec: str) -> Path:
+    """The file `--config SPEC` means: a path, or (no '/' and no .yaml) a shipped config's name."""
+    if "/" in spec or spec.endswith((".yaml", ".yml")):
+        return Path(spec)
+    names = shipped_config_names()
+    if spec not in names:
+        raise UserError(f"--config {spec}: no such shipped config (shipped: {', '.join(names)}); "
+                        "give a YAML file's path, e.g. ./my.yaml")
+    return SHIPPED_CONFIGS / f"{spec}.yaml"
+
+
 def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
     """Dataclass defaults <- YAML file <- overrides, validated."""
     raw = read_yaml(path) if path is not None else {}
@@ -280,24 +302,7 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
 
 def validate(cfg: Config) -> None:
     """Value checks the types alone cannot express."""
-    positive = {
-        "model.d_model": cfg.model.d_model,
-        "model.n_layers": cfg.model.n_layers,
-        "model.n_heads": cfg.model.n_heads,
-        "model.d_ff": cfg.model.d_ff,
-        "model.max_seq_len": cfg.model.max_seq_len,
-        "data.seq_len": cfg.data.seq_len,
-        "train.steps": cfg.train.steps,
-        "train.batch_size": cfg.train.batch_size,
-        "train.log_every": cfg.train.log_every,
-        "train.eval_batches": cfg.train.eval_batches,
-        "train.max_consecutive_skips": cfg.train.max_consecutive_skips,
-        "checkpoint.every": cfg.checkpoint.every,
-        "checkpoint.keep": cfg.checkpoint.keep,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"config key '{key}' must be positive, got {value}")
+    check_config(cfg)
     if cfg.model.d_model % cfg.model.n_heads:
         raise UserError(
             f"model.d_model ({cfg.model.d_model}) must be divisible by model.n_heads "
@@ -310,21 +315,11 @@ def validate(cfg: Config) -> None:
             f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len "
             f"({cfg.model.max_seq_len}); lower data.seq_len or raise model.max_seq_len"
         )
-    if not 0 <= cfg.data.validation_percent < 100:
-        raise UserError("data.validation_percent must be in [0, 100)")
-    if cfg.seed < 0 or cfg.train.pseudo_ppl_examples < 0:
-        raise UserError("seed and train.pseudo_ppl_examples must be >= 0")
-    if not 0 < cfg.data.mask_rate < 1:
-        raise UserError(f"data.mask_rate must be in (0, 1), got {cfg.data.mask_rate}")
-    if cfg.data.worker_count < 0 or cfg.data.prefetch_batches < 0:
-        raise UserError("data.worker_count and data.prefetch_batches must be >= 0")
-    if cfg.train.grad_accum_steps <= 0 or cfg.train.batch_size % cfg.train.grad_accum_steps:
+    if cfg.train.batch_size % cfg.train.grad_accum_steps:
         raise UserError(
             f"train.batch_size ({cfg.train.batch_size}) must be a positive multiple of "
             f"train.grad_accum_steps ({cfg.train.grad_accum_steps})"
         )
-    if cfg.train.eval_every < 0:
-        raise UserError("train.eval_every must be >= 0 (0 disables periodic eval)")
     _validate_task(cfg)
 
 
@@ -348,10 +343,6 @@ def _validate_task(cfg: Config) -> None:
     except (KeyError, IndexError, ValueError) as err:
         raise UserError(f"data.template {cfg.data.template!r} is not a format string of "
                         f"{{input}} / {{text}} ({err!r}); double literal braces as {{{{ }}}}") from None
-    if not 0 <= cfg.model.dropout < 1:
-        raise UserError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
-    if cfg.model.num_labels is not None and cfg.model.num_labels < 2:
-        raise UserError(f"model.num_labels must be at least 2, got {cfg.model.num_labels}")
     fixed = {"clm": True, "seq2seq_lm": True, "mlm": False}.get(cfg.objective)
     if cfg.model.causal is not None and fixed is not None and cfg.model.causal != fixed:
         raise UserError(f"objective {cfg.objective} needs model.causal {fixed} (or null); only "

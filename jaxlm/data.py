@@ -10,6 +10,7 @@ import fcntl
 import glob
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,8 +45,7 @@ def _rooted(cfg: DataConfig, *groups: tuple[str, ...]) -> tuple[Path, list[tuple
     if not cfg.paths:
         raise UserError(f"data.dataset is {cfg.dataset} but data.paths is empty; list files or globs")
     for pattern in (p for group in groups for p in group):
-        if not glob.glob(str(Path(pattern).expanduser()), recursive=True):
-            raise UserError(f"data.paths: no file matches '{pattern}'; fix the path or glob")
+        _check_matches(pattern, glob.glob(str(Path(pattern).expanduser()), recursive=True))
     absolute = [[Path(p).expanduser().absolute() for p in group] for group in groups]
     # Document keys (and so the train/validation split) are relative to the patterns' common
     # fixed directory: the same corpus splits the same wherever it lives.
@@ -69,6 +69,27 @@ def _text_files_config(cfg: DataConfig) -> CorpusConfig:
         split_paragraphs=cfg.split_paragraphs,
         validation_percent=cfg.validation_percent,
     )
+
+
+def _check_matches(pattern: str, matches: list[str]) -> None:
+    """A pattern must match files, and by names that are valid UTF-8 (documents are keyed and split
+    by name), so a typo, a bare directory or an odd name is named here, not met as an empty
+    corpus or a traceback."""
+    if not matches:
+        raise UserError(f"data.paths: no file matches '{pattern}'; fix the path or glob")
+    files = [m for m in matches if os.path.isfile(m)]
+    if not files:
+        what = "matches only directories" if glob.has_magic(pattern) else "is a directory"
+        example = f"{pattern.rstrip('/')}/**/*.txt"
+        raise UserError(f"data.paths: '{pattern}' {what}; name the files, e.g. '{example}' "
+                        "(with your files' extension)")
+    for name in files:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+            raise UserError(f"data.paths: file name {shown} is not valid UTF-8; rename the file "
+                            f"or narrow '{pattern}' to leave it out") from None
 
 
 def _fixed_prefix(pattern: Path) -> Path:
@@ -108,8 +129,16 @@ def _prepared_builder(cfg: DataConfig, objective: str) -> tfds.core.DatasetBuild
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not builder.is_prepared():
+            _remove_stale_builds(builder)
             builder.download_and_prepare()
     return builder
+
+
+def _remove_stale_builds(builder: tfds.core.DatasetBuilder) -> None:
+    """Deletes what killed builds of this dataset config left (TFDS never does). Only called
+    under the build lock: a live build of this config would hold it, so none is removed."""
+    for stale in Path(builder.data_dir).parent.glob(f"{tfds.core.constants.INCOMPLETE_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def open_split(cfg: DataConfig, split: str, objective: str = "clm") -> Any:

@@ -20,6 +20,7 @@ from jaxlm.config import MeshConfig
 from jaxlm.errors import UserError
 
 BATCH = "batch"  # logical name of the leading axis of every input batch
+MESH_AXES = ("data", "fsdp", "tensor")  # the mesh axes the rules may map logical axes onto
 
 # (mesh, rules) while a step is traced, so the model can constrain activations by logical names.
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
@@ -31,6 +32,10 @@ def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
     """Mesh with the configured named axes; one size may be -1 for 'the remaining devices'."""
     devices = devices if devices is not None else jax.devices()
     sizes = dict(cfg.axes)
+    unknown = [name for name in sizes if name not in MESH_AXES]
+    if unknown:
+        raise UserError(f"mesh.axes: unknown axis '{unknown[0]}'; the mesh axes are "
+                        f"{', '.join(MESH_AXES)}")
     fill = [name for name, size in sizes.items() if size == -1]
     if len(fill) > 1:
         raise UserError(f"mesh.axes: only one axis may be -1, got {fill}")

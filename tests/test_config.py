@@ -1,9 +1,13 @@
 from pathlib import Path
 
+import dataclasses
+import typing
+
 import pytest
 
-from jaxlm.config import Config, load_config, save_yaml
+from jaxlm.config import Config, config_path, load_config, save_yaml, shipped_config_names
 from jaxlm.errors import UserError
+from jaxlm.ranges import CONFIG_RANGES
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -57,7 +61,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("objective=bert", "'objective' must be one of"),
         ("data.seq_len=4096", "exceeds model.max_seq_len"),
         ("model.n_heads=3", "divisible by model.n_heads"),
-        ("train.steps=0", "'train.steps' must be positive"),
+        ("train.steps=0", "'train.steps' must be an integer >= 1, got 0"),
         ("model", "must look like section.key=value"),
     ],
 )
@@ -82,3 +86,55 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(CONFIGS / "tiny_clm.yaml", ["data.paths=[x]"])
     save_yaml(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def _numeric_keys(cls: type = Config, prefix: str = "") -> set[str]:
+    """Dotted keys of every int/float field (optional ones included) of the config dataclasses;
+    mesh.axes sizes are sharding.make_mesh's to check (it alone knows mesh axes)."""
+    keys = set()
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys |= _numeric_keys(tp, f"{prefix}{name}.")
+        elif typing.get_origin(tp) is not dict and {int, float} & set(typing.get_args(tp) or (tp,)):
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def test_every_numeric_key_has_a_range():
+    assert set(CONFIG_RANGES) == _numeric_keys()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optimizer.warmup_steps=0",
+        "optimizer.grad_clip=0",
+        "optimizer.weight_decay=0",
+        "optimizer.min_lr_ratio=0",
+        "optimizer.min_lr_ratio=1",
+        "optimizer.b1=0",
+        "train.eval_every=0",
+        "train.pseudo_ppl_examples=0",
+        "data.validation_percent=0",
+        "data.worker_count=0",
+        "data.prefetch_batches=0",
+        "seed=4294967295",
+    ],
+)
+def test_values_on_the_edge_of_their_range_are_accepted(override):
+    load_config(None, [override])
+
+
+def test_shipped_configs_are_the_repository_configs():
+    assert shipped_config_names() == sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+    assert config_path("tiny_clm").read_bytes() == (CONFIGS / "tiny_clm.yaml").read_bytes()
+
+
+@pytest.mark.parametrize("spec", ["configs/tiny_clm.yaml", "tiny_clm.yaml", "./tiny_clm", "x.yml"])
+def test_a_path_stays_a_path(spec):
+    assert config_path(spec) == Path(spec)
+
+
+def test_unknown_config_name_lists_the_shipped_ones():
+    with pytest.raises(UserError, match="no such shipped config .*shipped: base, .*tiny_clm"):
+        config_path("tiny_gpt")

@@ -1,3 +1,6 @@
+import fcntl
+import threading
+
 import grain
 import jax
 import numpy as np
@@ -215,3 +218,29 @@ def test_mlm_masks_with_workers_are_keyed_by_row_and_batch_index(corpus, cache_d
             np.testing.assert_array_equal(batch["weights"][row], mlm(packed, (row, index))["weights"])
             np.testing.assert_array_equal(batch["inputs"][row], mlm(packed, (row, index))["inputs"])
     it.close()
+
+
+def test_a_killed_build_leaves_nothing_behind_after_the_next_start(tmp_path, corpus):
+    cfg = _cfg(corpus, tmp_path / "cache")
+    expected = _texts(open_split(cfg, "train"))
+    (built,) = (tmp_path / "cache" / "text_files").glob("src_*/1.0.0")
+    # What a build killed before its final rename leaves: the data in an incomplete.* dir.
+    stale = built.rename(built.with_name(f"incomplete.KILLED_{built.name}"))
+    assert _texts(open_split(cfg, "train")) == expected
+    assert not stale.exists() and built.is_dir()
+
+
+def test_a_build_under_way_elsewhere_is_waited_for_not_removed(tmp_path, corpus):
+    cfg = _cfg(corpus, tmp_path / "cache")
+    open_split(cfg, "train")
+    (built,) = (tmp_path / "cache" / "text_files").glob("src_*/1.0.0")
+    (lock_path,) = (tmp_path / "cache").glob(".text_files-src_*.lock")
+    live = built.rename(built.with_name(f"incomplete.LIVE_{built.name}"))
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as the process writing `live` holds it
+        opener = threading.Thread(target=open_split, args=(cfg, "train"))
+        opener.start()
+        opener.join(timeout=1.0)
+        assert opener.is_alive() and live.exists()
+    opener.join(timeout=60)
+    assert not opener.is_alive() and built.is_dir()
