@@ -12,6 +12,7 @@ Shape legend: B batch, L sequence, H heads, K head dim.
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,17 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask_Bx1xLxL, implementation="xla"
     )
+
+
+def dropout_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array, segment_ids_BxL: Array,
+                      causal: bool, drop: Callable[[Array], Array]) -> Array:
+    """The XLA reference written out, with `drop` applied to the attention probabilities (the
+    fused kernels have no dropout); used only by training steps with model.dropout > 0."""
+    scale = 1.0 / np.sqrt(q_BxLxHxK.shape[-1])
+    scores_BxHxLxL = jnp.einsum("BLHK,BMHK->BHLM", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32) * scale
+    scores_BxHxLxL = jnp.where(attention_mask(segment_ids_BxL, causal), scores_BxHxLxL, -1e30)
+    probs_BxHxLxL = drop(jax.nn.softmax(scores_BxHxLxL, axis=-1)).astype(v_BxLxHxK.dtype)
+    return jnp.einsum("BHLM,BMHK->BLHK", probs_BxHxLxL, v_BxLxHxK)
 
 
 def _unsupported(implementation: str, q_BxLxHxK: Array) -> str:

@@ -17,6 +17,7 @@ from jaxlm.model import Transformer, _dense_init
 Array = jax.Array
 # Params of the heads (top-level attribute names): what `init_heads: reinit` creates or drops.
 HEAD_NAMES = ("lm_head", "mlm_head", "task_head")
+HEAD_DROP = 1 << 16  # salt of the classifier's dropout key (apart from the backbone's)
 
 
 class Pooler(nnx.Module):
@@ -63,9 +64,13 @@ def build_model(cfg: Config, causal: bool, rngs: nnx.Rngs) -> Transformer:
     return model
 
 
-def forward(model: Transformer, batch: dict[str, Array], objective: str) -> Array:
-    """Logits at every position: over the vocabulary, or over the classes for classify."""
+def forward(model: Transformer, batch: dict[str, Array], objective: str,
+            dropout_key: Array | None = None) -> Array:
+    """Logits at every position: over the vocabulary, or over the classes for classify.
+    `dropout_key` (training steps only) turns model.dropout on."""
     if objective == "classify":
-        hidden_BxLxD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
-        return model.task_head(hidden_BxLxD)
-    return model(batch["inputs"], batch["segment_ids"], batch["positions"])
+        hidden_BxLxD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"],
+                                    dropout_key)
+        head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, HEAD_DROP)
+        return model.task_head(hidden_BxLxD, head_key)
+    return model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)

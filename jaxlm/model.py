@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.attention import dot_product_attention
+from jaxlm.attention import dot_product_attention, dropout_attention
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
 
@@ -27,6 +27,25 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+class Dropout(NamedTuple):
+    """Training-time dropout: `rate` and the key of this step (and layer). Each site folds in
+    its own salt, so the masks are a function of (seed, step, layer, site) and resume exactly."""
+
+    key: jax.Array
+    rate: float
+
+    def __call__(self, x: Array, salt: int) -> Array:
+        if self.rate <= 0:
+            return x
+        keep = jax.random.bernoulli(jax.random.fold_in(self.key, salt), 1 - self.rate, x.shape)
+        return jnp.where(keep, x / (1 - self.rate), 0).astype(x.dtype)
+
+
+# Dropout salts: token embeddings, attention probabilities, the two residual branches, and the
+# split into per-layer keys.
+EMBED_DROP, ATTN_DROP, ATTN_OUT_DROP, MLP_OUT_DROP, LAYER_KEYS = range(5)
 
 
 class KVCache(NamedTuple):
@@ -80,9 +99,14 @@ class Attention(nnx.Module):
         return q_BxLxHxK, k_BxLxHxK, self.v(x_BxLxD)
 
     def __call__(
-        self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array, causal: bool
+        self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array, causal: bool,
+        drop: Dropout | None = None,
     ) -> Array:
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._qkv(x_BxLxD, positions_BxL)
+        if drop is not None:  # training with dropout: the XLA reference with dropped probabilities
+            out_BxLxHxK = dropout_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, causal,
+                                            lambda p: drop(p, ATTN_DROP))
+            return self.o(out_BxLxHxK)
         out_BxLxHxK = dot_product_attention(
             q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL,
             causal=causal, implementation=self.implementation,
@@ -147,9 +171,13 @@ class Block(nnx.Module):
         self.mlp = Mlp(cfg, rngs=rngs)
 
     def __call__(
-        self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array, causal: bool
+        self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array, causal: bool,
+        drop: Dropout | None = None,
     ) -> Array:
-        attn_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, causal)
+        attn_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, causal, drop)
+        if drop is not None:
+            x_BxLxD = x_BxLxD + drop(attn_BxLxD, ATTN_OUT_DROP)
+            return x_BxLxD + drop(self.mlp(self.mlp_norm(x_BxLxD)), MLP_OUT_DROP)
         return self._mlp_residual(x_BxLxD + attn_BxLxD)
 
     def cached(
@@ -172,6 +200,7 @@ class Transformer(nnx.Module):
             raise ValueError("ModelConfig.vocab_size must be resolved from the tokenizer first")
         self.causal = causal
         self.remat = remat
+        self.dropout = cfg.dropout
         with nnx.use_eager_sharding(False):
             self.embed = nnx.Embed(
                 cfg.vocab_size,
@@ -199,20 +228,29 @@ class Transformer(nnx.Module):
             )
             self.mlm_head = None if causal else MlmHead(cfg, rngs=rngs)
 
-    def __call__(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array) -> Array:
-        return self.from_embeddings(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL)
+    def __call__(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array,
+                 dropout_key: Array | None = None) -> Array:
+        """`dropout_key` (training only) turns on model.dropout; None or rate 0: no dropout."""
+        return self.from_embeddings(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL,
+                                    dropout_key)
 
     def from_embeddings(
-        self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array
+        self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array,
+        dropout_key: Array | None = None,
     ) -> Array:
         """The network after the token lookup (a seam for gradients w.r.t. input positions)."""
-        return self.head(self._layers(x_BxLxD, segment_ids_BxL, positions_BxL))
+        return self.head(self._layers(x_BxLxD, segment_ids_BxL, positions_BxL, dropout_key))
 
-    def hidden(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array) -> Array:
+    def hidden(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array,
+               dropout_key: Array | None = None) -> Array:
         """Final-normed hidden states of the last block: what task heads read."""
-        return self.final_norm(self._layers(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL))
+        x_BxLxD = self._layers(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL, dropout_key)
+        return self.final_norm(x_BxLxD)
 
-    def _layers(self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array) -> Array:
+    def _layers(self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array,
+                dropout_key: Array | None = None) -> Array:
+        if dropout_key is not None and self.dropout > 0:
+            return self._layers_with_dropout(x_BxLxD, segment_ids_BxL, positions_BxL, dropout_key)
         x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
         block_def, block_state = nnx.split(self.blocks)
 
@@ -224,6 +262,25 @@ class Transformer(nnx.Module):
         if self.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, block_state)
+        return x_BxLxD
+
+    def _layers_with_dropout(self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array,
+                             key: Array) -> Array:
+        """`_layers` in training with dropout: each layer gets its own key (split from `key`)."""
+        x_BxLxD = constrain(Dropout(key, self.dropout)(x_BxLxD, EMBED_DROP), ACTIVATION_AXES)
+        block_def, block_state = nnx.split(self.blocks)
+
+        def layer(x_BxLxD: Array, xs: tuple) -> tuple[Array, None]:
+            layer_state, layer_key = xs
+            block = nnx.merge(block_def, layer_state)
+            drop = Dropout(layer_key, self.dropout)
+            x_BxLxD = block(x_BxLxD, positions_BxL, segment_ids_BxL, self.causal, drop)
+            return constrain(x_BxLxD, ACTIVATION_AXES), None
+
+        if self.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        keys = jax.random.split(jax.random.fold_in(key, LAYER_KEYS), self.blocks.attn.k.kernel.shape[0])
+        x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (block_state, keys))
         return x_BxLxD
 
     def cached(

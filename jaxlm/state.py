@@ -106,7 +106,10 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
         before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None
         model = nnx.merge(setup.model_def, state["params"])
         optimizer = nnx.merge(setup.opt_def, state["opt"])
-        grads, sums = _summed_grads(model, batch, accum, setup.cfg.objective)
+        dropout_key = None
+        if setup.cfg.model.dropout > 0:  # keyed by (seed, step): a resumed run drops the same
+            dropout_key = jax.random.fold_in(jax.random.key(setup.cfg.seed), optimizer.step[...])
+        grads, sums = _summed_grads(model, batch, accum, setup.cfg.objective, dropout_key)
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(mean_loss(sums)) & jnp.isfinite(grad_norm)
@@ -126,26 +129,31 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
     )
 
 
-def _summed_grads(model: Transformer, batch: Batch, accum: int, objective: str) -> tuple[nnx.State, dict]:
-    """Gradients of the *summed* weighted loss and the weighted sums, over `accum` microbatches."""
+def _summed_grads(model: Transformer, batch: Batch, accum: int, objective: str,
+                  dropout_key: jax.Array | None = None) -> tuple[nnx.State, dict]:
+    """Gradients of the *summed* weighted loss and the weighted sums, over `accum` microbatches
+    (microbatch i drops with `dropout_key` folded with i)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss_sum(params: nnx.State, micro: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss_sum(params: nnx.State, micro: Batch, key: jax.Array | None) -> tuple[jax.Array, dict]:
         micro_model = nnx.merge(graphdef, params, rest)
-        sums = weighted_sums(forward(micro_model, micro, objective), micro)
+        sums = weighted_sums(forward(micro_model, micro, objective, key), micro)
         return sums["loss_sum"], sums
 
     grad_fn = jax.grad(loss_sum, has_aux=True)
     if accum == 1:
-        return grad_fn(params, batch)
+        return grad_fn(params, batch, dropout_key)
 
-    def accumulate(carry: tuple, micro: Batch) -> tuple[tuple, None]:
-        grads, sums = grad_fn(params, micro)
+    def accumulate(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+        micro, index = xs
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        grads, sums = grad_fn(params, micro, key)
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-    shapes = jax.eval_shape(grad_fn, params, _first(batch, accum))
+    shapes = jax.eval_shape(grad_fn, params, _first(batch, accum), dropout_key)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    (grads, sums), _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, accum))
+    xs = (_microbatches(batch, accum), jnp.arange(accum))
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, xs)
     return grads, sums
 
 
