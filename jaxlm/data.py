@@ -326,6 +326,8 @@ def pad_batch(batch: Example, rows: int) -> Example:
     if missing == 0:
         return batch
     pad = empty_batch(missing, batch["inputs"].shape[1])
+    # Objective-specific keys (NSP labels) pad with zeros: zero weight, counted for nothing.
+    pad.update({k: np.zeros((missing, *v.shape[1:]), v.dtype) for k, v in batch.items() if k not in pad})
     return {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
 
 

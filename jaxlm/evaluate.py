@@ -40,6 +40,10 @@ class Evaluator:
         summary = summarize(totals)
         if "confusion_CxC" in totals:  # classify: accuracy, macro-F1 and per-class counts
             summary.update(classification_summary(totals["confusion_CxC"], self.label_names))
+        if "nsp_weight_sum" in totals:  # mlm with data.nsp: the next-sentence head
+            pairs = max(float(totals["nsp_weight_sum"]), 1.0)
+            summary.update(nsp_loss=float(totals["nsp_loss_sum"]) / pairs,
+                           nsp_accuracy=float(totals["nsp_correct_sum"]) / pairs)
         return summary
 
     def pseudo_perplexity(self, params: Any, rows: int) -> dict[str, float]:
@@ -58,7 +62,7 @@ class Evaluator:
             eval_pipeline(
                 self.source,
                 self.tokenizer,
-                example_fn(cfg, self.tokenizer),
+                example_fn(cfg, self.tokenizer, self.source),
                 seq_len=cfg.data.seq_len,
                 local_batch=self.global_rows // jax.process_count(),
                 seed=cfg.seed,

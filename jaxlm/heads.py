@@ -8,11 +8,14 @@ Shape legend: B batch, L sequence, D d_model, C classes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 
 from jaxlm.config import Config, ModelConfig
 from jaxlm.model import Transformer, _dense_init
+from jaxlm.objectives import weighted_sums
 
 Array = jax.Array
 # Params of the heads (top-level attribute names): what `init_heads: reinit` creates or drops.
@@ -61,6 +64,10 @@ def build_model(cfg: Config, causal: bool, rngs: nnx.Rngs) -> Transformer:
         model.lm_head = model.mlm_head = None  # no token predictions: the classifier replaces them
         with nnx.use_eager_sharding(False):
             model.task_head = ClassifierHead(cfg.model, causal=causal, rngs=rngs)
+    if cfg.objective == "mlm" and cfg.data.nsp:  # is-next / not-next from the pooled [cls]
+        with nnx.use_eager_sharding(False):
+            model.task_head = ClassifierHead(dataclasses.replace(cfg.model, num_labels=2),
+                                             causal=False, rngs=rngs)
     return model
 
 
@@ -74,3 +81,27 @@ def forward(model: Transformer, batch: dict[str, Array], objective: str,
         head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, HEAD_DROP)
         return model.task_head(hidden_BxLxD, head_key)
     return model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
+
+
+def objective_sums(model: Transformer, batch: dict[str, Array], cfg: Config,
+                   dropout_key: Array | None = None) -> tuple[Array, dict[str, Array], Array]:
+    """(what the step minimizes, summed over examples; the weighted sums; the logits).
+
+    Every objective but NSP minimizes its one weighted cross-entropy. With NSP the pooled `[cls]`
+    adds the next-sentence loss, scaled so that after the step divides by the MLM weight it is
+    the mean over pairs (BERT's sum of the two means)."""
+    if not (cfg.objective == "mlm" and cfg.data.nsp):
+        logits_BxLxV = forward(model, batch, cfg.objective, dropout_key)
+        sums = weighted_sums(logits_BxLxV, batch)
+        return sums["loss_sum"], sums, logits_BxLxV
+    x_BxLxD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key,
+                           normed=False)
+    logits_BxLxV = model.head(x_BxLxD)
+    head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, HEAD_DROP)
+    nsp_logits_BxLx2 = model.task_head(model.final_norm(x_BxLxD), head_key)
+    sums = weighted_sums(logits_BxLxV, batch)
+    nsp = weighted_sums(nsp_logits_BxLx2, {"targets": batch["nsp_targets"],
+                                           "weights": batch["nsp_weights"]})
+    sums.update({f"nsp_{k}": v for k, v in nsp.items()})
+    scale = jax.lax.stop_gradient(sums["weight_sum"] / jax.numpy.maximum(nsp["weight_sum"], 1.0))
+    return sums["loss_sum"] + scale * nsp["loss_sum"], sums, logits_BxLxV

@@ -242,10 +242,11 @@ class Transformer(nnx.Module):
         return self.head(self._layers(x_BxLxD, segment_ids_BxL, positions_BxL, dropout_key))
 
     def hidden(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array,
-               dropout_key: Array | None = None) -> Array:
-        """Final-normed hidden states of the last block: what task heads read."""
+               dropout_key: Array | None = None, normed: bool = True) -> Array:
+        """Final-normed hidden states of the last block: what task heads read (`normed` False:
+        before the final norm, for `head` to read too)."""
         x_BxLxD = self._layers(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL, dropout_key)
-        return self.final_norm(x_BxLxD)
+        return self.final_norm(x_BxLxD) if normed else x_BxLxD
 
     def _layers(self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array,
                 dropout_key: Array | None = None) -> Array:

@@ -10,7 +10,7 @@ Shape legend: B batch, L sequence, V vocab, N count.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -109,8 +109,9 @@ def mlm_example_fn(
     return mlm_example
 
 
-def example_fn(cfg: Config, tokenizer: Tokenizer) -> ExampleFn:
-    """The data transform of `cfg.objective`."""
+def example_fn(cfg: Config, tokenizer: Tokenizer, source: Any = None) -> ExampleFn:
+    """The data transform of `cfg.objective` (`source`: the split's documents, which NSP draws
+    its random second segments from)."""
     if cfg.objective == "clm":
         return clm_example
     if cfg.objective == "mlm":
@@ -120,6 +121,10 @@ def example_fn(cfg: Config, tokenizer: Tokenizer) -> ExampleFn:
                 "data.whole_word_mask needs a tokenizer with word pieces; set "
                 "data.tokenizer=sentencepiece:PATH or data.whole_word_mask=false"
             )
+        if cfg.data.nsp:
+            from jaxlm.nsp import nsp_example_fn  # nsp builds on this module's MLM transform
+
+            return nsp_example_fn(cfg.seed, cfg.data.mask_rate, source, tokenizer, word_starts_V)
         return mlm_example_fn(cfg.seed, cfg.data.mask_rate, tokenizer.vocab_size, word_starts_V)
     if cfg.objective in ("seq2seq_lm", "classify"):
         return task_example

@@ -17,9 +17,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlm import sharding
 from jaxlm.config import Config
-from jaxlm.heads import build_model, forward
+from jaxlm.heads import build_model, objective_sums
 from jaxlm.model import Transformer
-from jaxlm.objectives import is_causal, mean_loss, weighted_sums
+from jaxlm.objectives import is_causal, mean_loss
 from jaxlm.optim import make_optimizer, schedule
 
 State = dict[str, nnx.State]
@@ -109,7 +109,7 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
         dropout_key = None
         if setup.cfg.model.dropout > 0:  # keyed by (seed, step): a resumed run drops the same
             dropout_key = jax.random.fold_in(jax.random.key(setup.cfg.seed), optimizer.step[...])
-        grads, sums = _summed_grads(model, batch, accum, setup.cfg.objective, dropout_key)
+        grads, sums = _summed_grads(model, batch, accum, setup.cfg, dropout_key)
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(mean_loss(sums)) & jnp.isfinite(grad_norm)
@@ -129,16 +129,15 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
     )
 
 
-def _summed_grads(model: Transformer, batch: Batch, accum: int, objective: str,
+def _summed_grads(model: Transformer, batch: Batch, accum: int, cfg: Config,
                   dropout_key: jax.Array | None = None) -> tuple[nnx.State, dict]:
     """Gradients of the *summed* weighted loss and the weighted sums, over `accum` microbatches
     (microbatch i drops with `dropout_key` folded with i)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_sum(params: nnx.State, micro: Batch, key: jax.Array | None) -> tuple[jax.Array, dict]:
-        micro_model = nnx.merge(graphdef, params, rest)
-        sums = weighted_sums(forward(micro_model, micro, objective, key), micro)
-        return sums["loss_sum"], sums
+        objective, sums, _ = objective_sums(nnx.merge(graphdef, params, rest), micro, cfg, key)
+        return objective, sums
 
     grad_fn = jax.grad(loss_sum, has_aux=True)
     if accum == 1:
@@ -182,8 +181,7 @@ def make_eval_step(setup: Setup) -> Callable[[nnx.State, Batch], dict[str, jax.A
     def eval_step(params: nnx.State, batch: Batch, byte_lengths_V: jax.Array) -> dict:
         model = nnx.merge(setup.model_def, params)
         with sharding.activation_sharding(setup.mesh, setup.rules):
-            logits_BxLxV = forward(model, batch, setup.cfg.objective)
-        sums = weighted_sums(logits_BxLxV, batch)
+            _, sums, logits_BxLxV = objective_sums(model, batch, setup.cfg)
         sums["byte_sum"] = (byte_lengths_V[batch["targets"]] * batch["weights"]).sum()
         # Weighted count of each target id: the majority-token baseline's accuracy.
         sums["target_counts_V"] = jnp.zeros_like(byte_lengths_V, jnp.float32).at[

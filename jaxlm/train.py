@@ -95,7 +95,7 @@ def _start(cfg: Config, run: RunDir, devices: list[jax.Device] | None, force_res
         batches = train_pipeline(
             train_source,
             tokenizer,
-            example_fn(cfg, tokenizer),
+            example_fn(cfg, tokenizer, train_source),
             seq_len=cfg.data.seq_len,
             global_batch=cfg.train.batch_size,
             seed=cfg.seed,
@@ -248,4 +248,13 @@ def _record(step: int, m: dict[str, Any]) -> dict[str, Any]:
         "grad_norm": float(m["grad_norm"]),
         "lr": float(m["lr"]),
         "nonfinite": bool(m["nonfinite"]),
+        **_nsp_record(m),
     }
+
+
+def _nsp_record(m: dict[str, Any]) -> dict[str, float]:
+    """Next-sentence loss and accuracy, where the objective has them (mlm with data.nsp)."""
+    if "nsp_weight_sum" not in m:
+        return {}
+    pairs = max(float(m["nsp_weight_sum"]), 1.0)
+    return {"nsp_loss": float(m["nsp_loss_sum"]) / pairs, "nsp_accuracy": float(m["nsp_correct_sum"]) / pairs}
