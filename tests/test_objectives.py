@@ -16,6 +16,7 @@ from jaxlm.objectives import (
 from jaxlm.tokenizer import MASK_ID, SPECIAL_TOKENS, ByteTokenizer
 
 VOCAB = 300
+BYTE_IDS = dict(mask_id=MASK_ID, special_ids=ByteTokenizer.special_ids)
 
 
 def test_clm_targets_never_cross_documents_or_padding():
@@ -57,7 +58,7 @@ def packed_rows(rng: np.random.Generator, n: int, length: int = 64) -> list[dict
 
 
 def test_mlm_masking_statistics_and_specials():
-    mlm = mlm_example_fn(seed=3, mask_rate=0.15, tokenizer_vocab=VOCAB)
+    mlm = mlm_example_fn(seed=3, mask_rate=0.15, tokenizer_vocab=VOCAB, **BYTE_IDS)
     selected = candidates = masked = randomized = kept = 0
     for index, row in enumerate(packed_rows(np.random.default_rng(0), 400)):
         ex = mlm(row, (0, index))
@@ -82,12 +83,12 @@ def test_mlm_masking_statistics_and_specials():
 
 def test_mlm_masks_are_a_function_of_seed_and_index():
     row = packed_rows(np.random.default_rng(1), 1)[0]
-    mlm = mlm_example_fn(seed=0, mask_rate=0.3, tokenizer_vocab=VOCAB)
+    mlm = mlm_example_fn(seed=0, mask_rate=0.3, tokenizer_vocab=VOCAB, **BYTE_IDS)
     a, b = mlm(row, (2, 7)), mlm(row, (2, 7))
     np.testing.assert_array_equal(a["inputs"], b["inputs"])
     assert (mlm(row, (2, 8))["weights"] != a["weights"]).any()
     assert (mlm(row, (3, 7))["weights"] != a["weights"]).any()
-    other_seed = mlm_example_fn(seed=1, mask_rate=0.3, tokenizer_vocab=VOCAB)(row, (2, 7))
+    other_seed = mlm_example_fn(seed=1, mask_rate=0.3, tokenizer_vocab=VOCAB, **BYTE_IDS)(row, (2, 7))
     assert (other_seed["weights"] != a["weights"]).any()
 
 
