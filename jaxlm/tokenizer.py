@@ -163,11 +163,11 @@ def load_tokenizer(spec: str) -> Tokenizer:
     """Builds the tokenizer a config's `data.tokenizer` names: bytes | sentencepiece:PATH | hf:PATH."""
     if spec == "bytes":
         return ByteTokenizer()
-    path = tokenizer_file(spec)
-    if path is not None and spec.startswith(SENTENCEPIECE_PREFIX):
-        return SentencePieceTokenizer(path)
-    if path is not None:
-        return HFTokenizer(path)
+    found = _spec_path(spec)
+    if found is not None and found[0] == SENTENCEPIECE_PREFIX:
+        return SentencePieceTokenizer(found[1])
+    if found is not None:
+        return HFTokenizer(found[1])
     raise UserError(f"unknown data.tokenizer '{spec}' (use bytes, sentencepiece:PATH or hf:PATH)")
 
 

@@ -117,3 +117,19 @@ def start_jaxlm(log: Path, *args):
     with log.open("w") as out:
         return subprocess.Popen([sys.executable, "-m", "jaxlm", *map(str, args)], stdout=out,
                                 stderr=subprocess.STDOUT, env=_cli_env(), cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2(tmp_path_factory) -> Path:
+    """A tiny GPT-2-style (byte-level BPE, <|endoftext|> only) tokenizer.json."""
+    from hf_tokenizer_files import byte_level_bpe
+
+    return byte_level_bpe(tmp_path_factory.mktemp("hf_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def hf_bert(tmp_path_factory) -> Path:
+    """A tiny BERT-style (WordPiece, [PAD] [UNK] [CLS] [SEP] [MASK]) tokenizer.json."""
+    from hf_tokenizer_files import wordpiece_bert
+
+    return wordpiece_bert(tmp_path_factory.mktemp("hf_bert"))
