@@ -8,7 +8,7 @@ from jaxlm.data import device_prefetch, eval_pipeline, open_split, train_pipelin
 from jaxlm.datasets.corpus import PythonStdlib
 from jaxlm.errors import UserError
 from jaxlm.objectives import clm_example, mlm_example_fn
-from jaxlm.tokenizer import BOS_ID, EOS_ID, MASK_ID, ByteTokenizer
+from jaxlm.tokenizer import BOS_ID, EOS_ID, MASK_ID, ByteTokenizer, load_tokenizer, padding_id
 
 
 def _cfg(corpus, cache_dir, **kw):
@@ -218,3 +218,19 @@ def test_mlm_masks_with_workers_are_keyed_by_row_and_batch_index(corpus, cache_d
             np.testing.assert_array_equal(batch["weights"][row], mlm(packed, (row, index))["weights"])
             np.testing.assert_array_equal(batch["inputs"][row], mlm(packed, (row, index))["inputs"])
     it.close()
+
+
+@pytest.mark.parametrize("style", ["gpt2", "bert"])
+def test_packing_uses_the_tokenizers_bos_eos_and_padding(corpus, cache_dir, style, request):
+    tokenizer = load_tokenizer(f"hf:{request.getfixturevalue(f'hf_{style}')}")
+    source = open_split(_cfg(corpus, cache_dir), "train")
+    batches = iter(train_pipeline(source, tokenizer, clm_example, seq_len=32, global_batch=4, seed=0))
+    inputs, positions = zip(*((b["inputs"], b["positions"]) for b in (next(batches) for _ in range(30))))
+    inputs, positions = np.concatenate(inputs), np.concatenate(positions)
+    starts = positions == 0
+    starts[:, 0] = False  # a row may begin inside a document
+    assert starts.any() and (inputs[starts] == tokenizer.bos_id).all()
+    assert (inputs == tokenizer.eos_id).sum() >= len(source) // 2
+    last = list(eval_pipeline(source, tokenizer, clm_example, seq_len=32, local_batch=3, seed=0))[-1]
+    padding = last["segment_ids"] == 0  # the end of the last packed row, and padding rows
+    assert padding.any() and (last["inputs"][padding] == padding_id(tokenizer)).all()
