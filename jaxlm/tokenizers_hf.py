@@ -75,6 +75,11 @@ class HFTokenizer:
         named = {i for i in ids.values() if i is not None}
         self.special_ids = tuple(sorted(named | {i for i, t in added.items() if t.special}))
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (grain workers): the tokenizers library's pickle drops this flag."""
+        self.__dict__.update(state)
+        self.model.encode_special_tokens = True
+
     def encode(self, text: str | bytes) -> np.ndarray:
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
         return np.asarray(self.model.encode(text, add_special_tokens=False).ids, dtype=np.int32)

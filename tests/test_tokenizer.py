@@ -1,3 +1,4 @@
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -60,6 +61,11 @@ def test_text_never_encodes_to_a_special_id(tokenizer):
     assert not np.isin(ids, tokenizer.special_ids).any() and ids.max() < tokenizer.vocab_size
     ends = tokenizer.bos_id, tokenizer.eos_id, padding_id(tokenizer)
     assert tokenizer.decode([ends[0], *tokenizer.encode("x"), *ends[1:]]) == "x"
+
+
+def test_a_pickled_tokenizer_encodes_the_same(tokenizer):  # grain workers get pickled copies
+    text = "".join(SPECIAL_TOKENS + GPT2) + " héllo [MASK]"
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(tokenizer)).encode(text), tokenizer.encode(text))
 
 
 def test_byte_lengths_count_bytes_not_specials(tokenizer):
