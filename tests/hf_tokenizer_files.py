@@ -7,7 +7,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 TEXTS = [
-    "def f(x):\n    return x + 1\n", "class Model:\n    pass\n", "héllo wörld, 日本語のテキスト 🙂",
+    "def f(x):\n    return x + 1\n", "class Model:\n    pass\n",
+    "héllo wörld, 日本語のテキスト 🙂",
     "import numpy as np\nfrom jax import jit\n", "while True: yield self.value",
 ] * 20
 GPT2 = ("<|endoftext|>",)

@@ -58,14 +58,16 @@ def test_round_trip_arbitrary_unicode(tokenizer):
 
 def test_text_never_encodes_to_a_special_id(tokenizer):
     ids = tokenizer.encode("".join(SPECIAL_TOKENS + GPT2) + bytes(range(128)).decode() + "[MASK]")
-    assert not np.isin(ids, tokenizer.special_ids).any() and ids.max() < tokenizer.vocab_size
+    marks = [tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, tokenizer.pad_id]  # not [UNK]:
+    assert not np.isin(ids, marks).any()  # characters outside the WordPiece vocabulary become it and ids.max() < tokenizer.vocab_size
     ends = tokenizer.bos_id, tokenizer.eos_id, padding_id(tokenizer)
     assert tokenizer.decode([ends[0], *tokenizer.encode("x"), *ends[1:]]) == "x"
 
 
 def test_a_pickled_tokenizer_encodes_the_same(tokenizer):  # grain workers get pickled copies
     text = "".join(SPECIAL_TOKENS + GPT2) + " héllo [MASK]"
-    np.testing.assert_array_equal(pickle.loads(pickle.dumps(tokenizer)).encode(text), tokenizer.encode(text))
+    copy = pickle.loads(pickle.dumps(tokenizer))
+    np.testing.assert_array_equal(copy.encode(text), tokenizer.encode(text))
 
 
 def test_byte_lengths_count_bytes_not_specials(tokenizer):
@@ -115,8 +117,10 @@ ROLES = ("bos", "eos", "pad", "mask", "cls", "sep", "unk")
 @pytest.mark.parametrize("style, specials, expected", [
     ("gpt2", GPT2, {"bos": "<|endoftext|>", "eos": "<|endoftext|>"}),  # one token starts and ends
     ("llama3", LLAMA3, {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>"}),
-    ("sentencepiece", SENTENCEPIECE_STYLE, {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}),
-    ("roberta", ROBERTA, {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "mask": "<mask>", "unk": "<unk>"}),
+    ("sentencepiece", SENTENCEPIECE_STYLE,
+     {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}),
+    ("roberta", ROBERTA,
+     {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "mask": "<mask>", "unk": "<unk>"}),
     ("bert", BERT, {"bos": "[CLS]", "eos": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "cls": "[CLS]",
                     "sep": "[SEP]", "unk": "[UNK]"}),  # BERT starts with [CLS] and ends with [SEP]
 ])
@@ -132,10 +136,12 @@ def test_hf_configs_beside_the_file_win_and_the_special_map_over_the_config(tmp_
     path = byte_level_bpe(tmp_path, ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"))
     write_config(tmp_path, "tokenizer_config.json", bos_token="<|endoftext|>", pad_token=None,
                  eos_token={"content": "<|im_end|>", "special": True})
-    write_config(tmp_path, "special_tokens_map.json", bos_token="<|im_start|>", pad_token="<|endoftext|>")
+    write_config(tmp_path, "special_tokens_map.json", bos_token="<|im_start|>",
+                 pad_token="<|endoftext|>")
     for spec in (f"hf:{tmp_path}", f"hf:{path}"):
         tokenizer = load_tokenizer(spec)
-        named = {role: tokenizer.token_text(getattr(tokenizer, f"{role}_id")) for role in ("bos", "eos", "pad")}
+        named = {role: tokenizer.token_text(getattr(tokenizer, f"{role}_id"))
+                 for role in ("bos", "eos", "pad")}
         assert named == {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"}
 
 
@@ -146,7 +152,8 @@ def test_hf_encode_adds_no_specials_and_text_never_becomes_one(hf_bert, text):
     assert with_post_processor[0] == tokenizer.cls_id and with_post_processor[-1] == tokenizer.sep_id
     ids = tokenizer.encode(text)
     assert ids.dtype == np.int32 and len(ids) > 0
-    assert not np.isin(ids, [tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, tokenizer.pad_id]).any()
+    marks = [tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, tokenizer.pad_id]  # not [UNK]:
+    assert not np.isin(ids, marks).any()  # characters outside the WordPiece vocabulary become it
 
 
 @pytest.mark.parametrize("word", ["classes", "return", "numpy", "value"])
