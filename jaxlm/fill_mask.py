@@ -26,7 +26,8 @@ def encode_with_masks(text: str, tokenizer: Tokenizer, max_len: int) -> np.ndarr
     if len(parts) == 1:
         raise UserError(f"fill-mask text has no {MASK_TEXT}; write {MASK_TEXT} where a token is missing")
     if tokenizer.mask_id is None:
-        raise UserError("fill-mask needs a tokenizer with a mask token; this run's has none")
+        raise UserError("fill-mask needs a tokenizer with a mask token; data.tokenizer has none "
+                        "(use the tokenizer the masked LM was trained with)")
     word_pieces = tokenizer.word_starts() is not None
     ids = [tokenizer.bos_id]
     for i, part in enumerate(parts):
