@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -134,7 +135,9 @@ def test_train_and_eval_with_an_hf_tokenizer(tiny_cfg, objective, style, request
     assert np.isfinite(final["loss"]) and final["bits_per_byte"] > 0
     run_cfg, setup, params, step = load_run(cfg.run_dir)
     tokenizer = load_tokenizer(run_cfg.data.tokenizer)
-    assert step == cfg.train.steps and run_cfg.data.tokenizer == spec
+    copy = cfg.run_dir / "tokenizer.json"  # the run reads its own copy from now on
+    assert step == cfg.train.steps and run_cfg.data.tokenizer == f"hf:{copy}"
+    assert copy.read_bytes() == Path(spec[len("hf:"):]).read_bytes()
     assert run_cfg.model.vocab_size == -(-tokenizer.vocab_size // 128) * 128
     evaluator = Evaluator(setup, open_split(run_cfg.data, "validation"), tokenizer)
     result = evaluator(params, max_batches=2)
