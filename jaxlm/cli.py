@@ -339,8 +339,8 @@ def _predict(args: argparse.Namespace) -> None:
     records = [r for _, r in lines]
     labelled = all("label" in r for r in records)
     truth = label_ids(lines, names, args.input_file) if labelled else None
-    probs_NxC = classify_probs(setup, params, record_encoder(cfg, load_tokenizer(cfg.data.tokenizer)),
-                               records)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    probs_NxC = classify_probs(setup, params, tokenizer, record_encoder(cfg, tokenizer), records)
     for n, probs_C in enumerate(probs_NxC):
         best = int(np.argmax(probs_C))
         row = {"label": names[best], "probability": round(float(probs_C[best]), 6)}

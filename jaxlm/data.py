@@ -26,7 +26,7 @@ from jaxlm.datasets.corpus import CorpusConfig, PythonStdlib, TextFiles
 from jaxlm.errors import UserError
 from jaxlm.objectives import ExampleFn
 from jaxlm.tasks import PACKED_KEYS, Encoder
-from jaxlm.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from jaxlm.tokenizer import Tokenizer, padding_id
 
 Example = dict[str, np.ndarray]
 # Documents are read in the calling thread: with one stream per batch row, a prefetch thread pool
@@ -188,35 +188,43 @@ class _FeatureSource:
 
 
 def _tokenize_fn(tokenizer: Tokenizer) -> Callable[[bytes], Example]:
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+
     def tokenize(text: bytes) -> Example:
         ids = tokenizer.encode(text)
-        return {"tokens": np.concatenate([[BOS_ID], ids, [EOS_ID]]).astype(np.int32)}
+        return {"tokens": np.concatenate([[bos], ids, [eos]]).astype(np.int32)}
 
     return tokenize
 
 
 def _packed(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int,
             encoder: Encoder | None = None) -> grain.IterDataset:
-    """Tokenized documents concatenated and cut into rows of `seq_len`; with a task `encoder`,
-    encoded records packed whole into rows (first fit)."""
+    """Tokenized documents concatenated and cut into rows of `seq_len`, or with a task `encoder`
+    encoded records packed whole into rows (first fit); grain pads with 0, which becomes the
+    tokenizer's padding id (0 may be a regular token of another tokenizer)."""
+    pad = padding_id(tokenizer)
+
+    def fill_padding(row: Example) -> Example:
+        return {**row, "tokens": np.where(row["tokens_segment_ids"] == 0, pad, row["tokens"])}
+
     if encoder is not None:
         return grain.experimental.FirstFitPackIterDataset(
             docs.map(encoder).to_iter_dataset(_READ_OPTIONS),
             length_struct={k: seq_len for k in PACKED_KEYS}, num_packing_bins=PACKING_BINS,
             shuffle_bins=False,
-        )
+        ).map(fill_padding)
     return grain.experimental.ConcatThenSplitIterDataset(
         docs.map(_tokenize_fn(tokenizer)).to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len}
-    )
+    ).map(fill_padding)
 
 
 def stack_rows(rows: tuple[Example, ...] | list[Example]) -> Example:
     return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
 
-def empty_batch(rows: int, seq_len: int) -> Example:
-    """All padding (segment 0, weight 0): counts for nothing."""
-    ints = np.full((rows, seq_len), PAD_ID, np.int32)
+def empty_batch(rows: int, seq_len: int, pad_id: int) -> Example:
+    """All padding (segment 0, weight 0): counts for nothing. `pad_id`: see tokenizer.padding_id."""
+    ints = np.full((rows, seq_len), pad_id, np.int32)
     names = ("inputs", "targets", "segment_ids", "positions")
     return {**{k: ints for k in names}, "weights": np.zeros((rows, seq_len), np.float32)}
 
@@ -317,15 +325,16 @@ def eval_pipeline(
         lambda index, packed: example_fn(packed, (stream, index))
     )
     batches = examples.batch(local_batch)
-    return batches.map(lambda b: pad_batch(b, local_batch))
+    pad = padding_id(tokenizer)
+    return batches.map(lambda b: pad_batch(b, local_batch, pad))
 
 
-def pad_batch(batch: Example, rows: int) -> Example:
+def pad_batch(batch: Example, rows: int, pad_id: int) -> Example:
     """Pads a short batch with all-padding rows (they count for nothing)."""
     missing = rows - len(batch["inputs"])
     if missing == 0:
         return batch
-    pad = empty_batch(missing, batch["inputs"].shape[1])
+    pad = empty_batch(missing, batch["inputs"].shape[1], pad_id)
     # Objective-specific keys (NSP labels) pad with zeros: zero weight, counted for nothing.
     pad.update({k: np.zeros((missing, *v.shape[1:]), v.dtype) for k, v in batch.items() if k not in pad})
     return {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}

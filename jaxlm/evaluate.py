@@ -18,7 +18,7 @@ from jaxlm.objectives import example_fn, record_encoder
 from jaxlm.sharding import batch_shards, global_batch
 from jaxlm.state import Setup, make_eval_step
 from jaxlm.task_eval import classification_summary
-from jaxlm.tokenizer import MASK_ID, SPECIAL_TOKENS, Tokenizer
+from jaxlm.tokenizer import Tokenizer, padding_id
 
 Batch = dict[str, np.ndarray]
 
@@ -52,7 +52,8 @@ class Evaluator:
         local_rows = -(-rows // jax.process_count())
         examples = (ex for batch in self._batches() for ex in _rows(batch))
         chosen = [ex for ex, _ in zip(examples, range(local_rows))]
-        totals = self._totals(params, _one_mask_per_row(chosen, self.global_rows // jax.process_count()))
+        rows_per_batch = self.global_rows // jax.process_count()
+        totals = self._totals(params, _one_mask_per_row(chosen, rows_per_batch, self.tokenizer))
         summary = summarize(totals)
         return {"pseudo_perplexity": summary["perplexity"], "pseudo_perplexity_tokens": summary["tokens"]}
 
@@ -81,7 +82,8 @@ class Evaluator:
             if not _any_process_has_data(local is not None):
                 break
             if local is None:  # this process is done, others are not: join with padding
-                local = empty_batch(local_rows, self.setup.cfg.data.seq_len)
+                local = empty_batch(local_rows, self.setup.cfg.data.seq_len,
+                                    padding_id(self.tokenizer))
             batch = global_batch(local, self.setup.batch_sharding)
             sums = self.step(params, batch, self.byte_lengths_V)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -99,20 +101,22 @@ def _rows(batch: Batch) -> Iterator[Batch]:
             yield {**{k: v[i] for k, v in batch.items()}, "inputs": batch["targets"][i]}
 
 
-def _one_mask_per_row(examples: list[Batch], rows_per_batch: int) -> Iterator[Batch]:
+def _one_mask_per_row(
+    examples: list[Batch], rows_per_batch: int, tokenizer: Tokenizer
+) -> Iterator[Batch]:
     """For every regular token of every example, a copy with just that token masked and weighted."""
-    first_regular = len(SPECIAL_TOKENS)
     copies = []
     for ex in examples:
-        for position in np.flatnonzero((ex["segment_ids"] != 0) & (ex["targets"] >= first_regular)):
+        regular = ~np.isin(ex["targets"], tokenizer.special_ids)
+        for position in np.flatnonzero((ex["segment_ids"] != 0) & regular):
             inputs, weights = ex["targets"].copy(), np.zeros(len(ex["targets"]), np.float32)
-            inputs[position], weights[position] = MASK_ID, 1.0
+            inputs[position], weights[position] = tokenizer.mask_id, 1.0
             copies.append({**ex, "inputs": inputs, "weights": weights})
             if len(copies) == rows_per_batch:
                 yield stack_rows(copies)
                 copies = []
     if copies:
-        yield pad_batch(stack_rows(copies), rows_per_batch)
+        yield pad_batch(stack_rows(copies), rows_per_batch, padding_id(tokenizer))
 
 
 def _any_process_has_data(has_data: bool) -> bool:

@@ -14,26 +14,29 @@ from flax import nnx
 
 from jaxlm.errors import UserError
 from jaxlm.state import Setup
-from jaxlm.tokenizer import BOS_ID, EOS_ID, MASK_ID, SPECIAL_TOKENS, Tokenizer, unusable_ids
+from jaxlm.tokenizer import Tokenizer, unusable_ids
 
 MASK_TEXT = "[MASK]"
 
 
 def encode_with_masks(text: str, tokenizer: Tokenizer, max_len: int) -> np.ndarray:
-    """BOS, the text with each [MASK] as the MASK id, EOS. With word pieces the space before a
-    mask belongs to the masked word (pieces carry their leading space)."""
+    """BOS, the text with each [MASK] as the tokenizer's mask id, EOS. With word pieces the space
+    before a mask belongs to the masked word (pieces carry their leading space)."""
     parts = text.split(MASK_TEXT)
     if len(parts) == 1:
         raise UserError(f"fill-mask text has no {MASK_TEXT}; write {MASK_TEXT} where a token is missing")
+    if tokenizer.mask_id is None:
+        raise UserError("fill-mask needs a tokenizer with a mask token; data.tokenizer has none "
+                        "(use the tokenizer the masked LM was trained with)")
     word_pieces = tokenizer.word_starts() is not None
-    ids = [BOS_ID]
+    ids = [tokenizer.bos_id]
     for i, part in enumerate(parts):
         if word_pieces and i < len(parts) - 1 and part.endswith(" "):
             part = part[:-1]
         ids.extend(tokenizer.encode(part).tolist())
         if i < len(parts) - 1:
-            ids.append(MASK_ID)
-    ids.append(EOS_ID)
+            ids.append(tokenizer.mask_id)
+    ids.append(tokenizer.eos_id)
     if len(ids) > max_len:
         raise UserError(f"fill-mask text is {len(ids)} tokens; the model takes at most {max_len}")
     return np.asarray(ids, np.int32)
@@ -50,7 +53,7 @@ def fill_mask(
     segment_ids_1xL = (np.arange(length) < len(ids_L)).astype(np.int32)[None]
     positions_1xL = np.arange(length, dtype=np.int32)[None]
     banned_V = unusable_ids(setup.cfg.model.vocab_size, tokenizer)  # never answers
-    k = min(top_k, tokenizer.vocab_size - len(SPECIAL_TOKENS))
+    k = min(top_k, int((~banned_V).sum()))
 
     @jax.jit
     def top_tokens(params: Any, tokens_1xL: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -62,5 +65,5 @@ def fill_mask(
     probs_LxK, ids_LxK = jax.device_get(top_tokens(params, tokens_1xL))
     return [
         [(tokenizer.token_text(int(i)), float(p)) for i, p in zip(ids_LxK[pos], probs_LxK[pos])]
-        for pos in np.flatnonzero(ids_L == MASK_ID)
+        for pos in np.flatnonzero(ids_L == tokenizer.mask_id)
     ]

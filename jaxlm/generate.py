@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxlm.model import KVCache
 from jaxlm.state import Setup
-from jaxlm.tokenizer import BOS_ID, EOS_ID, Tokenizer, unusable_ids
+from jaxlm.tokenizer import Tokenizer, unusable_ids
 
 MIN_BUCKET = 16
 
@@ -52,7 +52,7 @@ def sample_logits(
 def banned_tokens(model_vocab: int, tokenizer: Tokenizer) -> np.ndarray:
     """Never sampled: specials other than EOS, and ids past the tokenizer's vocabulary."""
     banned_V = unusable_ids(model_vocab, tokenizer)
-    banned_V[EOS_ID] = False
+    banned_V[tokenizer.eos_id] = False
     return banned_V
 
 
@@ -111,9 +111,16 @@ def make_sampler(
 
 
 def sample_ids(
-    sampler: Sampler, params: Any, contexts: list[list[int]], *, max_new_tokens: int, seed: int
+    sampler: Sampler,
+    params: Any,
+    contexts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    seed: int,
+    eos_id: int,
 ) -> list[list[int]]:
-    """New token ids per context (EOS not included); see the module docstring for the limits."""
+    """New token ids per context (`eos_id`, which ends a row, not included); see the module
+    docstring for the limits."""
     contexts = [c[-(sampler.window - 1) :] for c in contexts]
     lengths_B = np.array([len(c) for c in contexts], np.int32)
     tokens_BxP = np.zeros((len(contexts), bucket(int(lengths_B.max()), sampler.window)), np.int32)
@@ -128,7 +135,7 @@ def sample_ids(
         for row, token in enumerate(np.asarray(tokens_B).tolist()):
             if done_B[row]:
                 continue
-            if token == EOS_ID:
+            if token == eos_id:
                 done_B[row] = True
                 continue
             new[row].append(token)
@@ -156,7 +163,8 @@ def generate(
     batch = [prompts] if isinstance(prompts, str) else list(prompts)
     banned_V = banned_tokens(setup.cfg.model.vocab_size, tokenizer)
     sampler = make_sampler(setup, banned_V, temperature=temperature, top_k=top_k, top_p=top_p)
-    contexts = [[BOS_ID, *tokenizer.encode(p).tolist()] for p in batch]
-    new = sample_ids(sampler, params, contexts, max_new_tokens=max_new_tokens, seed=seed)
+    contexts = [[tokenizer.bos_id, *tokenizer.encode(p).tolist()] for p in batch]
+    new = sample_ids(sampler, params, contexts, max_new_tokens=max_new_tokens, seed=seed,
+                     eos_id=tokenizer.eos_id)
     texts = [tokenizer.decode(ids) for ids in new]
     return texts[0] if isinstance(prompts, str) else texts

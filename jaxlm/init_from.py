@@ -17,7 +17,7 @@ from jaxlm.errors import UserError
 from jaxlm.heads import HEAD_NAMES
 from jaxlm.run import RunDir, read_only_checkpointer, saved_config
 from jaxlm.state import Setup, init_state, make_setup
-from jaxlm.tokenizer import load_tokenizer, sentencepiece_path
+from jaxlm.tokenizer import tokenizer_files
 
 
 def params_from(spec: str, setup: Setup, fresh: Any | None = None) -> Any:
@@ -82,10 +82,9 @@ def _backbone_from(source: Any, fresh: Any, setup: Setup) -> Any:
 def _check_tokenizer(where: str, source_cfg: Any, setup: Setup) -> None:
     if _tokenizer_identity(source_cfg.data.tokenizer) != _tokenizer_identity(setup.cfg.data.tokenizer):
         raise UserError(
-            f"{where}: that run's tokenizer ({source_cfg.data.tokenizer}) differs from "
-            f"data.tokenizer ({setup.cfg.data.tokenizer}); its embeddings would mean other text: "
-            "use that run's tokenizer.model (data.tokenizer=sentencepiece:RUN_DIR/tokenizer.model) "
-            "or bytes as it did"
+            f"{where}: that run's tokenizer differs from data.tokenizer "
+            f"({setup.cfg.data.tokenizer}); its embeddings would mean other text: use "
+            f"data.tokenizer={source_cfg.data.tokenizer} as it did"
         )
 
 
@@ -117,6 +116,6 @@ def _check_matches(where: str, source_cfg: Any, source_setup: Setup, setup: Setu
 
 
 def _tokenizer_identity(spec: str) -> bytes:
-    """What a tokenizer is, independent of where its file lives: the model file's bytes."""
-    path = sentencepiece_path(spec)
-    return spec.encode() if path is None else load_tokenizer(spec).path.read_bytes()
+    """What a tokenizer is, independent of where its files live: their bytes."""
+    files = tokenizer_files(spec)
+    return b"\0".join(f.read_bytes() for f in files) if files else spec.encode()

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from jaxlm.objectives import Example, ExampleFn, mlm_example_fn
-from jaxlm.tokenizer import SPECIAL_TOKENS, Tokenizer
+from jaxlm.tokenizer import Tokenizer, padding_id
 
 NSP_SALT = 0x4E5350  # keeps the pair draws apart from the mask draws of the same example
 
@@ -31,7 +31,7 @@ def pair_row(tokens_L: np.ndarray, segment_ids_L: np.ndarray, rng: np.random.Gen
              tokenizer: Tokenizer) -> tuple[Example, bool]:
     """A packed row -> the packed row of its pair (one segment) and whether B is the true next."""
     length = len(tokens_L)
-    content = tokens_L[(segment_ids_L != 0) & (tokens_L >= len(SPECIAL_TOKENS))][: length - 3]
+    content = tokens_L[(segment_ids_L != 0) & ~np.isin(tokens_L, tokenizer.special_ids)][: length - 3]
     cut = max(1, len(content) // 2)
     first, second = content[:cut], content[cut:]
     is_next = bool(rng.random() < 0.5)
@@ -40,7 +40,7 @@ def pair_row(tokens_L: np.ndarray, segment_ids_L: np.ndarray, rng: np.random.Gen
     pair = np.concatenate([[tokenizer.cls_id], first, [tokenizer.sep_id], second, [tokenizer.sep_id]])
     real = len(pair)
     row = {
-        "tokens": np.pad(pair, (0, length - real), constant_values=tokenizer.pad_id).astype(np.int32),
+        "tokens": np.pad(pair, (0, length - real), constant_values=padding_id(tokenizer)).astype(np.int32),
         "tokens_segment_ids": (np.arange(length) < real).astype(np.int32),
         "tokens_positions": np.where(np.arange(length) < real, np.arange(length), 0).astype(np.int32),
     }
@@ -50,7 +50,8 @@ def pair_row(tokens_L: np.ndarray, segment_ids_L: np.ndarray, rng: np.random.Gen
 def nsp_example_fn(seed: int, mask_rate: float, source: Any, tokenizer: Tokenizer,
                    word_starts_V: np.ndarray | None = None) -> ExampleFn:
     """MLM on sentence pairs plus the next-sentence label at `[cls]`."""
-    mlm = mlm_example_fn(seed, mask_rate, tokenizer.vocab_size, word_starts_V)
+    mlm = mlm_example_fn(seed, mask_rate, tokenizer.vocab_size, word_starts_V,
+                         mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids)
 
     def nsp_example(packed: Example, key: tuple[int, int]) -> Example:
         rng = np.random.default_rng([seed, *key, NSP_SALT])

@@ -10,7 +10,7 @@ Shape legend: B batch, L sequence, V vocab, N count.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ import optax
 from jaxlm.config import Config
 from jaxlm.errors import UserError
 from jaxlm.tasks import Encoder, task_encoder, task_example
-from jaxlm.tokenizer import MASK_ID, SPECIAL_TOKENS, Tokenizer
+from jaxlm.tokenizer import Tokenizer
 
 Example = dict[str, np.ndarray]
 # (packed row, (stream id, example index in that stream)) -> model example
@@ -81,21 +81,30 @@ def mlm_select(
 
 
 def mlm_example_fn(
-    seed: int, mask_rate: float, tokenizer_vocab: int, word_starts_V: np.ndarray | None = None
+    seed: int,
+    mask_rate: float,
+    tokenizer_vocab: int,
+    word_starts_V: np.ndarray | None = None,
+    *,
+    mask_id: int,
+    special_ids: Sequence[int],
 ) -> ExampleFn:
-    """BERT masking: of the selected tokens 80 % become MASK, 10 % a random token, 10 % stay;
-    specials and padding are never selected, and only selected positions carry loss weight."""
-    first_regular = len(SPECIAL_TOKENS)
+    """BERT masking: of the selected tokens 80 % become `mask_id`, 10 % a random regular token,
+    10 % stay; `special_ids` and padding are never selected nor inserted, and only selected
+    positions carry loss weight."""
+    special_V = np.zeros(tokenizer_vocab, bool)
+    special_V[list(special_ids)] = True
+    regular_N = np.flatnonzero(~special_V).astype(np.int32)
 
     def mlm_example(packed: Example, key: tuple[int, int]) -> Example:
         rng = np.random.default_rng([seed, *key])
         tokens_L = packed["tokens"]
         segment_ids_L = packed["tokens_segment_ids"]
-        candidates_L = (segment_ids_L != 0) & (tokens_L >= first_regular)
+        candidates_L = (segment_ids_L != 0) & ~special_V[tokens_L]
         selected_L = mlm_select(tokens_L, candidates_L, rng, mask_rate, word_starts_V)
         roll_L = rng.random(tokens_L.shape)
-        random_L = rng.integers(first_regular, tokenizer_vocab, tokens_L.shape, dtype=np.int32)
-        inputs_L = np.where(selected_L & (roll_L < MASK_SHARE), MASK_ID, tokens_L)
+        random_L = regular_N[rng.integers(0, len(regular_N), tokens_L.shape, dtype=np.int32)]
+        inputs_L = np.where(selected_L & (roll_L < MASK_SHARE), mask_id, tokens_L)
         replace_L = selected_L & (roll_L >= MASK_SHARE) & (roll_L < MASK_SHARE + RANDOM_SHARE)
         inputs_L = np.where(replace_L, random_L, inputs_L).astype(np.int32)
         return {
@@ -121,11 +130,18 @@ def example_fn(cfg: Config, tokenizer: Tokenizer, source: Any = None) -> Example
                 "data.whole_word_mask needs a tokenizer with word pieces; set "
                 "data.tokenizer=sentencepiece:PATH or data.whole_word_mask=false"
             )
+        if tokenizer.mask_id is None:
+            raise UserError(
+                f"objective mlm needs a mask token; tokenizer {cfg.data.tokenizer} has none: add "
+                "one (mask_token in its tokenizer_config.json) or set objective=clm"
+            )
         if cfg.data.nsp:
             from jaxlm.nsp import nsp_example_fn  # nsp builds on this module's MLM transform
 
+            require_specials(tokenizer, cfg, "data.nsp", ("cls_id", "sep_id"))
             return nsp_example_fn(cfg.seed, cfg.data.mask_rate, source, tokenizer, word_starts_V)
-        return mlm_example_fn(cfg.seed, cfg.data.mask_rate, tokenizer.vocab_size, word_starts_V)
+        return mlm_example_fn(cfg.seed, cfg.data.mask_rate, tokenizer.vocab_size, word_starts_V,
+                              mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids)
     if cfg.objective in ("seq2seq_lm", "classify"):
         return task_example
     raise UserError(f"unknown objective '{cfg.objective}' (supported: {', '.join(OBJECTIVES)})")
@@ -136,9 +152,21 @@ def is_causal(objective: str, causal: bool | None = None) -> bool:
     return objective in ("clm", "seq2seq_lm") if causal is None else causal
 
 
+def require_specials(tokenizer: Tokenizer, cfg: Config, what: str, names: tuple[str, ...]) -> None:
+    """A UserError unless the tokenizer has the special ids `what` writes into its examples."""
+    missing = [name[: -len("_id")] for name in names if getattr(tokenizer, name) is None]
+    if missing:
+        raise UserError(f"{what} needs the tokenizer's {' and '.join(missing)} token; "
+                        f"{cfg.data.tokenizer} has none: use bytes or sentencepiece, or add it")
+
+
 def record_encoder(cfg: Config, tokenizer: Tokenizer) -> Encoder | None:
     """The record -> example encoder of a task objective (None: the objective reads text)."""
     causal = is_causal(cfg.objective, cfg.model.causal)
+    if cfg.objective == "seq2seq_lm":
+        require_specials(tokenizer, cfg, "objective seq2seq_lm", ("sep_id",))
+    if cfg.objective == "classify":
+        require_specials(tokenizer, cfg, "objective classify", ("sep_id",) if causal else ("cls_id", "sep_id"))
     return task_encoder(cfg.objective, tokenizer, cfg.data.seq_len, cfg.data.template, causal)
 
 

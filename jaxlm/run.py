@@ -4,6 +4,8 @@ for training (`open_run`) or for reading a checkpoint (`load_run`: eval, generat
 Layout of `<run_dir>`:
   config.yaml            resolved config of the latest start (also inside every checkpoint)
   tokenizer.model        the run's copy of a SentencePiece model (self-contained checkpoints)
+  tokenizer.json         ... or of a Hugging Face tokenizer (with its tokenizer_config.json /
+                         special_tokens_map.json, if it has them)
   labels.json            classify: the class names by id
   metrics.jsonl          one JSON record per logged step and per eval
   metrics.<time>.jsonl   history of an earlier start that restored no checkpoint, kept aside
@@ -38,7 +40,8 @@ from jaxlm.config import CheckpointConfig, Config
 from jaxlm.data import label_names
 from jaxlm.errors import UserError
 from jaxlm.state import Setup, make_setup
-from jaxlm.tokenizer import SENTENCEPIECE_PREFIX, Tokenizer, load_tokenizer, sentencepiece_path
+from jaxlm.tokenizer import (HF_PREFIX, Tokenizer, load_tokenizer, spec_for_copy, tokenizer_file,
+                             tokenizer_files)
 
 Log = Callable[[str], None]
 
@@ -57,9 +60,12 @@ class RunDir:
     def config(self) -> Path:
         return self.root / "config.yaml"
 
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer.model"
+    def tokenizer_copy(self, spec: str) -> Path | None:
+        """Where the run keeps its copy of tokenizer `spec`'s file (None: bytes needs none)."""
+        source = tokenizer_file(spec)
+        if source is None:
+            return None
+        return self.root / ("tokenizer.json" if spec.startswith(HF_PREFIX) else "tokenizer.model")
 
     @property
     def labels(self) -> Path:
@@ -102,19 +108,24 @@ class RunDir:
         _write_atomically(self.config, yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False).encode())
 
     def keep_tokenizer(self, cfg: Config) -> None:
-        """Copies a SentencePiece model into the run so its checkpoints are self-contained; a run
-        resumed with a different model file is refused (its ids would mean other text)."""
-        source = sentencepiece_path(cfg.data.tokenizer)
-        if source is None:
+        """Copies the tokenizer's files into the run so its checkpoints are self-contained; a run
+        resumed with a different tokenizer is refused (its ids would mean other text)."""
+        sources = tokenizer_files(cfg.data.tokenizer)
+        if not sources:
             return
-        if not self.tokenizer.exists():
-            _write_atomically(self.tokenizer, source.read_bytes())
-        elif self.tokenizer.read_bytes() != source.read_bytes():
-            raise UserError(
-                f"tokenizer {source} differs from the one this run was trained with "
-                f"({self.tokenizer}); put that one back (cp {self.tokenizer} {source}) or start a "
-                "new train.run_dir"
-            )
+        copy = self.tokenizer_copy(cfg.data.tokenizer)
+        copies = [copy, *(self.root / extra.name for extra in sources[1:])]  # hf: configs beside it
+        if not copy.exists():
+            for source, target in zip(sources, copies):
+                _write_atomically(target, source.read_bytes())
+            return
+        for source, target in zip(sources, copies):
+            if not target.exists() or target.read_bytes() != source.read_bytes():
+                raise UserError(
+                    f"tokenizer file {source} differs from the one this run was trained with "
+                    f"({target}); put that one back (cp {target} {source}) or start a new "
+                    "train.run_dir"
+                )
 
     def keep_labels(self, names: list[str]) -> None:
         """Saves a classifier's class names by id; a resume whose data numbers them otherwise is
@@ -251,8 +262,9 @@ def saved_config(checkpointer: Checkpointer, run: RunDir, step: int, overrides: 
     raw = checkpointer.restore_config_dict(step)
     if not mesh_from_saved:
         raw["mesh"]["axes"] = {name: 1 for name in raw["mesh"]["axes"]} | {"data": -1}
-    if run.tokenizer.exists():
-        raw["data"]["tokenizer"] = f"{SENTENCEPIECE_PREFIX}{run.tokenizer}"
+    copy = run.tokenizer_copy(raw["data"]["tokenizer"])
+    if copy is not None and copy.exists():
+        raw["data"]["tokenizer"] = spec_for_copy(raw["data"]["tokenizer"], copy)
     for assignment in overrides:
         config_lib.apply_override(raw, assignment)
     cfg = config_lib.from_dict(Config, raw)

@@ -19,7 +19,7 @@ from jaxlm.heads import forward
 from jaxlm.sharding import activation_sharding
 from jaxlm.state import Setup
 from jaxlm.tasks import Encoder, formatted, prompt_ids
-from jaxlm.tokenizer import Tokenizer
+from jaxlm.tokenizer import Tokenizer, padding_id
 
 
 def complete(setup: Setup, params: Any, tokenizer: Tokenizer, inputs: list[str], *,
@@ -29,7 +29,8 @@ def complete(setup: Setup, params: Any, tokenizer: Tokenizer, inputs: list[str],
     sampler = make_sampler(setup, banned_tokens(setup.cfg.model.vocab_size, tokenizer),
                            temperature=temperature, top_k=top_k, top_p=top_p)
     contexts = [prompt_ids(tokenizer, text, setup.cfg.data.seq_len) for text in inputs]
-    new = sample_ids(sampler, params, contexts, max_new_tokens=max_new_tokens, seed=seed)
+    new = sample_ids(sampler, params, contexts, max_new_tokens=max_new_tokens, seed=seed,
+                     eos_id=tokenizer.eos_id)
     return [tokenizer.decode(ids) for ids in new]
 
 
@@ -46,15 +47,17 @@ def exact_match(setup: Setup, params: Any, tokenizer: Tokenizer, source: Any, co
     return {"exact_match": hits / max(len(records), 1), "exact_match_examples": len(records)}
 
 
-def classify_probs(setup: Setup, params: Any, encoder: Encoder, records: list[dict[str, Any]],
-                   rows: int = 64) -> np.ndarray:
+def classify_probs(setup: Setup, params: Any, tokenizer: Tokenizer, encoder: Encoder,
+                   records: list[dict[str, Any]], rows: int = 64) -> np.ndarray:
     """Class probabilities of each record, one record per row (no packing needed here)."""
-    seq_len = setup.cfg.data.seq_len
+    seq_len, pad_id = setup.cfg.data.seq_len, padding_id(tokenizer)
     predict = jax.jit(lambda p, b: _probs_at_label(setup, p, b))
     probs = []
     for start in range(0, len(records), rows):
-        chunk = [_padded_row(encoder({**r, "label": 0}), seq_len) for r in records[start : start + rows]]
-        probs.append(np.asarray(predict(params, pad_batch(stack_rows(chunk), rows)))[: len(chunk)])
+        chunk = [_padded_row(encoder({**r, "label": 0}), seq_len, pad_id)
+                 for r in records[start : start + rows]]
+        batch = pad_batch(stack_rows(chunk), rows, pad_id)
+        probs.append(np.asarray(predict(params, batch))[: len(chunk)])
     return np.concatenate(probs)
 
 
@@ -67,10 +70,10 @@ def _probs_at_label(setup: Setup, params: Any, batch: dict[str, jax.Array]) -> j
     return jax.nn.softmax(logits_BxC, axis=-1)
 
 
-def _padded_row(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+def _padded_row(example: dict[str, np.ndarray], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     n = len(example["tokens"])
     pad = lambda x: np.pad(x, (0, seq_len - n))
-    return {"inputs": pad(example["tokens"]), "targets": pad(example["targets"]),
+    return {"inputs": np.pad(example["tokens"], (0, seq_len - n), constant_values=pad_id), "targets": pad(example["targets"]),
             "weights": pad(example["weights"]), "segment_ids": pad(np.ones(n, np.int32)),
             "positions": pad(np.arange(n, dtype=np.int32))}
 

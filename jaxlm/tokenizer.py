@@ -1,7 +1,9 @@
-"""Tokenizers behind one small interface: raw bytes (no training) and SentencePiece (trained here).
+"""Tokenizers behind one small interface: raw bytes (no training), SentencePiece (trained here) and
+Hugging Face `tokenizer.json` files (jaxlm.tokenizers_hf).
 
-Special ids are the same in every tokenizer so data transforms and objectives can name them, and
-no user text ever encodes to a special id (SentencePiece's specials are control symbols).
+Every tokenizer carries its special ids (`bos_id`, `eos_id`, ...) and the rest of jaxlm asks it for
+them. jaxlm's own tokenizers reserve ids 0..6 for the specials in SPECIAL_TOKENS' order. No user
+text ever encodes to a special id (SentencePiece's specials are control symbols).
 """
 
 from __future__ import annotations
@@ -14,16 +16,26 @@ import numpy as np
 import sentencepiece as spm
 
 from jaxlm.errors import UserError
+from jaxlm.tokenizers_hf import CONFIG_FILES, HFTokenizer, tokenizer_json
 
 PAD_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID, UNK_ID = range(7)
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>", "<cls>", "<sep>", "<unk>")
 SENTENCEPIECE_PREFIX = "sentencepiece:"
+HF_PREFIX = "hf:"
 WORD_BOUNDARY = "\u2581"  # SentencePiece's marker for a piece that starts with a space
 MAX_SENTENCE_CHARS = 16_384  # training input pieces: at most 64 KiB of UTF-8
 
 
 class Tokenizer(Protocol):
     vocab_size: int
+    bos_id: int  # starts every document
+    eos_id: int  # ends every document; generation stops at it
+    pad_id: int | None  # None: the tokenizer has none (see padding_id)
+    mask_id: int | None  # None: no masked-LM training or fill-mask
+    cls_id: int | None
+    sep_id: int | None
+    unk_id: int | None
+    special_ids: tuple[int, ...]  # never selected for MLM, never sampled (but eos), 0 bytes
 
     def encode(self, text: str | bytes) -> np.ndarray:
         """Token ids (int32) of `text`, without BOS/EOS."""
@@ -41,13 +53,15 @@ class Tokenizer(Protocol):
         """A readable form of one id (fill-mask output)."""
 
 
-class _SpecialIds:
-    """The special ids as attributes (the same in every tokenizer for now)."""
+class _ReservedSpecials:
+    """jaxlm's own specials: ids 0..6 in SPECIAL_TOKENS' order."""
 
-    pad_id, bos_id, eos_id, mask_id, cls_id, sep_id, unk_id = PAD_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID, UNK_ID
+    pad_id, bos_id, eos_id, mask_id = PAD_ID, BOS_ID, EOS_ID, MASK_ID
+    cls_id, sep_id, unk_id = CLS_ID, SEP_ID, UNK_ID
+    special_ids = tuple(range(len(SPECIAL_TOKENS)))
 
 
-class ByteTokenizer(_SpecialIds):
+class ByteTokenizer(_ReservedSpecials):
     """One id per UTF-8 byte, after the special ids: lossless on any text, no training."""
 
     offset = len(SPECIAL_TOKENS)
@@ -75,7 +89,7 @@ class ByteTokenizer(_SpecialIds):
         return chr(byte) if 32 <= byte < 127 else f"<0x{byte:02X}>"
 
 
-class SentencePieceTokenizer(_SpecialIds):
+class SentencePieceTokenizer(_ReservedSpecials):
     """A trained SentencePiece model (byte fallback, no normalisation: lossless on any text)."""
 
     def __init__(self, path: Path):
@@ -135,17 +149,63 @@ class SentencePieceTokenizer(_SpecialIds):
 def unusable_ids(model_vocab: int, tokenizer: Tokenizer) -> np.ndarray:
     """Per id of the model's (padded) vocabulary: a special, or past the tokenizer's ids."""
     unusable_V = np.arange(model_vocab) >= tokenizer.vocab_size
-    unusable_V[: len(SPECIAL_TOKENS)] = True
+    unusable_V[list(tokenizer.special_ids)] = True
     return unusable_V
 
 
+def padding_id(tokenizer: Tokenizer) -> int:
+    """The id padding positions hold: pad, else eos (as Hugging Face pads GPT-2). Padding weighs 0
+    and is masked out of attention, so the value is never a target; a special keeps it readable."""
+    return tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
-    """Builds the tokenizer a config's `data.tokenizer` names: bytes | sentencepiece:PATH."""
+    """Builds the tokenizer a config's `data.tokenizer` names: bytes | sentencepiece:PATH | hf:PATH."""
     if spec == "bytes":
         return ByteTokenizer()
-    if spec.startswith(SENTENCEPIECE_PREFIX) and spec[len(SENTENCEPIECE_PREFIX):]:
-        return SentencePieceTokenizer(Path(spec[len(SENTENCEPIECE_PREFIX):]).expanduser())
-    raise UserError(f"unknown data.tokenizer '{spec}' (use bytes or sentencepiece:PATH)")
+    found = _spec_path(spec)
+    if found is not None and found[0] == SENTENCEPIECE_PREFIX:
+        return SentencePieceTokenizer(found[1])
+    if found is not None:
+        return HFTokenizer(found[1])
+    raise UserError(f"unknown data.tokenizer '{spec}' (use bytes, sentencepiece:PATH or hf:PATH)")
+
+
+def _spec_path(spec: str) -> tuple[str, Path] | None:
+    """(prefix, expanded path) of a file-backed spec; None for bytes and unknown specs."""
+    for prefix in (SENTENCEPIECE_PREFIX, HF_PREFIX):
+        if spec.startswith(prefix) and spec[len(prefix):]:
+            return prefix, Path(spec[len(prefix):]).expanduser()
+    return None
+
+
+def tokenizer_file(spec: str) -> Path | None:
+    """The file that defines a tokenizer: the .model of sentencepiece:, the tokenizer.json of hf:
+    (PATH or PATH/tokenizer.json), None for bytes. An hf: tokenizer may also read the configs in
+    that file's directory (tokenizer_files)."""
+    found = _spec_path(spec)
+    if found is None:
+        return None
+    prefix, path = found
+    return tokenizer_json(path) if prefix == HF_PREFIX else path
+
+
+def tokenizer_files(spec: str) -> list[Path]:
+    """Every file a tokenizer is read from: `tokenizer_file`, and for hf: the tokenizer_config.json
+    / special_tokens_map.json beside it (they set its special ids). Copy all of them together."""
+    path = tokenizer_file(spec)
+    if path is None:
+        return []
+    if not spec.startswith(HF_PREFIX):
+        return [path]
+    return [path, *(c for c in (path.parent / n for n in CONFIG_FILES) if c.is_file())]
+
+
+def spec_for_copy(spec: str, path: Path) -> str:
+    """The `data.tokenizer` value of the same tokenizer read from `path`, a copy of
+    tokenizer_file(spec) (with the rest of tokenizer_files(spec) copied beside it for hf:)."""
+    found = _spec_path(spec)
+    return spec if found is None else f"{found[0]}{path}"
 
 
 def sentencepiece_path(spec: str) -> Path | None:

@@ -123,3 +123,19 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file's bytes under `directory` by relative path (the run lock's holder note aside)."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
             if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2(tmp_path_factory) -> Path:
+    """A tiny GPT-2-style (byte-level BPE, <|endoftext|> only) tokenizer.json."""
+    from hf_tokenizer_files import byte_level_bpe
+
+    return byte_level_bpe(tmp_path_factory.mktemp("hf_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def hf_bert(tmp_path_factory) -> Path:
+    """A tiny BERT-style (WordPiece, [PAD] [UNK] [CLS] [SEP] [MASK]) tokenizer.json."""
+    from hf_tokenizer_files import wordpiece_bert
+
+    return wordpiece_bert(tmp_path_factory.mktemp("hf_bert"))

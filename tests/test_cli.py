@@ -275,3 +275,29 @@ def test_setup_error_after_the_checkpointer_exists_leaves_one_line(tmp_path, cor
         assert proc.returncode == 2
         assert proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
         assert "fewer than train.batch_size (64)" in proc.stderr
+
+
+def test_a_missing_hf_tokenizer_exits_2_with_one_line(tmp_path, corpus, cache_dir):
+    cfg = config_file(tmp_path, corpus, cache_dir)
+    proc = jaxlm_cli("train", "--config", cfg, "--set", "data.tokenizer=hf:/missing")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "jaxlm: error: tokenizer /missing does not exist; point data.tokenizer=hf:PATH at a "
+        "tokenizer.json or a directory holding one"
+    ]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("directory", "has no tokenizer.json"),
+    ("junk", "is not a Hugging Face tokenizer.json"),
+])
+def test_bad_hf_tokenizer_paths_name_the_path_and_fix(tmp_path, corpus, cache_dir, capsys, case,
+                                                      message):
+    cfg = config_file(tmp_path, corpus, cache_dir)
+    path = tmp_path / "tok"
+    path.mkdir()
+    if case == "junk":
+        path = path / "tokenizer.json"
+        path.write_text("{}")
+    err = _error_of(capsys, ["train", "--config", str(cfg), "--set", f"data.tokenizer=hf:{path}"])
+    assert f"{path} {message}" in err and "hf:PATH" in err

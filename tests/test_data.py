@@ -11,7 +11,7 @@ from jaxlm.data import device_prefetch, eval_pipeline, open_split, train_pipelin
 from jaxlm.datasets.corpus import PythonStdlib
 from jaxlm.errors import UserError
 from jaxlm.objectives import clm_example, mlm_example_fn
-from jaxlm.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
+from jaxlm.tokenizer import BOS_ID, EOS_ID, MASK_ID, ByteTokenizer, load_tokenizer, padding_id
 
 
 def _cfg(corpus, cache_dir, **kw):
@@ -134,7 +134,8 @@ def test_iterator_state_round_trip_continues_exactly(corpus, cache_dir):
 
 def test_mlm_masks_after_resume_equal_the_uninterrupted_run(corpus, cache_dir):
     source = open_split(_cfg(corpus, cache_dir), "train")
-    mlm = mlm_example_fn(seed=5, mask_rate=0.15, tokenizer_vocab=ByteTokenizer.vocab_size)
+    mlm = mlm_example_fn(seed=5, mask_rate=0.15, tokenizer_vocab=ByteTokenizer.vocab_size,
+                         mask_id=MASK_ID, special_ids=ByteTokenizer.special_ids)
     it = iter(_pipeline(source, example=mlm))
     first = [next(it) for _ in range(5)]
     state = it.get_state()
@@ -162,7 +163,8 @@ def test_epochs_are_reshuffled(corpus, cache_dir):
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_global_batch_is_the_same_for_any_number_of_processes(corpus, cache_dir, objective):
     source = open_split(_cfg(corpus, cache_dir), "train")
-    example = clm_example if objective == "clm" else mlm_example_fn(0, 0.15, ByteTokenizer.vocab_size)
+    example = clm_example if objective == "clm" else mlm_example_fn(
+        0, 0.15, ByteTokenizer.vocab_size, mask_id=MASK_ID, special_ids=ByteTokenizer.special_ids)
     one = iter(_pipeline(source, global_batch=8, example=example))
     two = [iter(_pipeline(source, global_batch=8, process_index=i, process_count=2, example=example))
            for i in range(2)]
@@ -208,7 +210,8 @@ def test_mlm_masks_with_workers_are_keyed_by_row_and_batch_index(corpus, cache_d
     """Workers each count their own examples; the masks are drawn after them, so batch i row r
     always gets the mask of key (r, i) and no two workers repeat one."""
     source = open_split(_cfg(corpus, cache_dir), "train")
-    mlm = mlm_example_fn(seed=5, mask_rate=0.15, tokenizer_vocab=ByteTokenizer.vocab_size)
+    mlm = mlm_example_fn(seed=5, mask_rate=0.15, tokenizer_vocab=ByteTokenizer.vocab_size,
+                         mask_id=MASK_ID, special_ids=ByteTokenizer.special_ids)
     it = iter(_pipeline(source, example=mlm, worker_count=2))
     for index in range(4):
         batch = next(it)
@@ -244,3 +247,19 @@ def test_a_build_under_way_elsewhere_is_waited_for_not_removed(tmp_path, corpus)
         assert opener.is_alive() and live.exists()
     opener.join(timeout=60)
     assert not opener.is_alive() and built.is_dir()
+
+
+@pytest.mark.parametrize("style", ["gpt2", "bert"])
+def test_packing_uses_the_tokenizers_bos_eos_and_padding(corpus, cache_dir, style, request):
+    tokenizer = load_tokenizer(f"hf:{request.getfixturevalue(f'hf_{style}')}")
+    source = open_split(_cfg(corpus, cache_dir), "train")
+    batches = iter(train_pipeline(source, tokenizer, clm_example, seq_len=32, global_batch=4, seed=0))
+    inputs, positions = zip(*((b["inputs"], b["positions"]) for b in (next(batches) for _ in range(30))))
+    inputs, positions = np.concatenate(inputs), np.concatenate(positions)
+    starts = positions == 0
+    starts[:, 0] = False  # a row may begin inside a document
+    assert starts.any() and (inputs[starts] == tokenizer.bos_id).all()
+    assert (inputs == tokenizer.eos_id).sum() >= len(source) // 2
+    last = list(eval_pipeline(source, tokenizer, clm_example, seq_len=32, local_batch=3, seed=0))[-1]
+    padding = last["segment_ids"] == 0  # the end of the last packed row, and padding rows
+    assert padding.any() and (last["inputs"][padding] == padding_id(tokenizer)).all()

@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import Config, ModelConfig
-from jaxlm.generate import banned_tokens, make_sampler, sample_ids, sample_logits
+from jaxlm.generate import banned_tokens, generate, make_sampler, sample_ids, sample_logits
 from jaxlm.state import init_state, make_setup
-from jaxlm.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
+from jaxlm.tokenizer import BOS_ID, EOS_ID, ByteTokenizer, load_tokenizer
 
 WINDOW = 32
 CONTEXTS = [[BOS_ID, 50, 60, 70], [BOS_ID, *range(80, 91)]]  # 4 and 12 tokens
@@ -52,23 +52,24 @@ def _greedy_reference(setup, params, banned_V, context, max_new_tokens):
 
 def test_cached_greedy_equals_a_full_forward_per_token_until_the_window_is_full(model_setup):
     setup, params, banned_V, greedy = model_setup
-    cached = sample_ids(greedy, params, CONTEXTS, max_new_tokens=100, seed=0)
+    cached = sample_ids(greedy, params, CONTEXTS, max_new_tokens=100, seed=0, eos_id=EOS_ID)
     for context, ids in zip(CONTEXTS, cached):
         reference, _ = _greedy_reference(setup, params, banned_V, context, 100)
         assert ids == reference
         assert len(ids) == WINDOW - len(context)  # stops when the window is full
         assert not banned_V[ids].any()
-    assert sample_ids(greedy, params, CONTEXTS, max_new_tokens=5, seed=0) == [c[:5] for c in cached]
+    shorter = sample_ids(greedy, params, CONTEXTS, max_new_tokens=5, seed=0, eos_id=EOS_ID)
+    assert shorter == [c[:5] for c in cached]
 
 
 def test_eos_stops_its_row_only(model_setup):
     setup, params, banned_V, greedy = model_setup
-    first = sample_ids(greedy, params, CONTEXTS, max_new_tokens=3, seed=0)
+    first = sample_ids(greedy, params, CONTEXTS, max_new_tokens=3, seed=0, eos_id=EOS_ID)
     # EOS's output column = twice that of row 0's third token: EOS now wins where that token did.
     params = jax.tree.map(lambda x: x, params)
     kernel_DxV = params["lm_head"]["kernel"][...]
     params["lm_head"]["kernel"][...] = kernel_DxV.at[:, EOS_ID].set(2 * kernel_DxV[:, first[0][2]])
-    cached = sample_ids(greedy, params, CONTEXTS, max_new_tokens=20, seed=0)
+    cached = sample_ids(greedy, params, CONTEXTS, max_new_tokens=20, seed=0, eos_id=EOS_ID)
     stopped = []
     for context, ids in zip(CONTEXTS, cached):
         reference, eos = _greedy_reference(setup, params, banned_V, context, 20)
@@ -80,8 +81,8 @@ def test_eos_stops_its_row_only(model_setup):
 def test_tiny_top_p_is_greedy_and_top_p_keeps_the_smallest_set_reaching_p(model_setup):
     setup, params, banned_V, greedy = model_setup
     nucleus = make_sampler(setup, banned_V, temperature=1.0, top_k=0, top_p=1e-6)
-    assert sample_ids(nucleus, params, CONTEXTS, max_new_tokens=8, seed=3) == sample_ids(
-        greedy, params, CONTEXTS, max_new_tokens=8, seed=0
+    assert sample_ids(nucleus, params, CONTEXTS, max_new_tokens=8, seed=3, eos_id=EOS_ID) == sample_ids(
+        greedy, params, CONTEXTS, max_new_tokens=8, seed=0, eos_id=EOS_ID
     )
     logits_1xV = jnp.log(jnp.array([[0.05, 0.5, 0.2, 0.25]]))
     draw = jax.jit(
@@ -92,3 +93,26 @@ def test_tiny_top_p_is_greedy_and_top_p_keeps_the_smallest_set_reaching_p(model_
     assert set(np.asarray(draw(keys, 0.5)).tolist()) == {1}
     assert set(np.asarray(draw(keys, 0.7)).tolist()) == {1, 3}
     assert set(np.asarray(draw(keys, 0.9)).tolist()) == {1, 2, 3}
+
+
+def test_generate_starts_at_the_hf_bos_and_stops_at_the_hf_eos(model_setup, hf_gpt2):
+    setup, params, _, _ = model_setup
+    tokenizer = load_tokenizer(f"hf:{hf_gpt2}")  # GPT-2 style: <|endoftext|> is bos and eos
+    banned_V = banned_tokens(setup.cfg.model.vocab_size, tokenizer)
+    assert not banned_V[tokenizer.eos_id] and banned_V[tokenizer.vocab_size:].all()
+    hf_greedy = make_sampler(setup, banned_V, temperature=0.0, top_k=0, top_p=1.0)
+    context = [tokenizer.bos_id, *tokenizer.encode("def f(x):").tolist()]
+    eos = tokenizer.eos_id
+    first = sample_ids(hf_greedy, params, [context], max_new_tokens=3, seed=0, eos_id=eos)[0]
+    assert len(first) == 3 and eos not in first
+    kwargs = dict(temperature=0.0, top_k=0, seed=0)
+    three = generate(setup, params, tokenizer, "def f(x):", max_new_tokens=3, **kwargs)
+    assert three == tokenizer.decode(first)  # its context began with the hf bos, as above
+    # EOS's output column = twice that of the third new token's: EOS now wins where it did.
+    params = jax.tree.map(lambda x: x, params)
+    kernel_DxV = params["lm_head"]["kernel"][...]
+    params["lm_head"]["kernel"][...] = kernel_DxV.at[:, eos].set(2 * kernel_DxV[:, first[2]])
+    stopped = sample_ids(hf_greedy, params, [context], max_new_tokens=20, seed=0, eos_id=eos)[0]
+    assert len(stopped) <= 2 and stopped == first[: len(stopped)]
+    text = generate(setup, params, tokenizer, "def f(x):", max_new_tokens=20, **kwargs)
+    assert text == tokenizer.decode(stopped)

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_tokenizer_files import ROBERTA, TEXTS, byte_level_bpe
 
 from jaxlm.config import Config, DataConfig
 from jaxlm.errors import UserError
@@ -13,9 +14,10 @@ from jaxlm.objectives import (
     mlm_select,
     weighted_sums,
 )
-from jaxlm.tokenizer import MASK_ID, SPECIAL_TOKENS, ByteTokenizer
+from jaxlm.tokenizer import MASK_ID, SPECIAL_TOKENS, ByteTokenizer, load_tokenizer, padding_id
 
 VOCAB = 300
+BYTE_IDS = dict(mask_id=MASK_ID, special_ids=ByteTokenizer.special_ids)
 
 
 def test_clm_targets_never_cross_documents_or_padding():
@@ -57,7 +59,7 @@ def packed_rows(rng: np.random.Generator, n: int, length: int = 64) -> list[dict
 
 
 def test_mlm_masking_statistics_and_specials():
-    mlm = mlm_example_fn(seed=3, mask_rate=0.15, tokenizer_vocab=VOCAB)
+    mlm = mlm_example_fn(seed=3, mask_rate=0.15, tokenizer_vocab=VOCAB, **BYTE_IDS)
     selected = candidates = masked = randomized = kept = 0
     for index, row in enumerate(packed_rows(np.random.default_rng(0), 400)):
         ex = mlm(row, (0, index))
@@ -82,12 +84,12 @@ def test_mlm_masking_statistics_and_specials():
 
 def test_mlm_masks_are_a_function_of_seed_and_index():
     row = packed_rows(np.random.default_rng(1), 1)[0]
-    mlm = mlm_example_fn(seed=0, mask_rate=0.3, tokenizer_vocab=VOCAB)
+    mlm = mlm_example_fn(seed=0, mask_rate=0.3, tokenizer_vocab=VOCAB, **BYTE_IDS)
     a, b = mlm(row, (2, 7)), mlm(row, (2, 7))
     np.testing.assert_array_equal(a["inputs"], b["inputs"])
     assert (mlm(row, (2, 8))["weights"] != a["weights"]).any()
     assert (mlm(row, (3, 7))["weights"] != a["weights"]).any()
-    other_seed = mlm_example_fn(seed=1, mask_rate=0.3, tokenizer_vocab=VOCAB)(row, (2, 7))
+    other_seed = mlm_example_fn(seed=1, mask_rate=0.3, tokenizer_vocab=VOCAB, **BYTE_IDS)(row, (2, 7))
     assert (other_seed["weights"] != a["weights"]).any()
 
 
@@ -108,3 +110,46 @@ def test_whole_word_selection_takes_whole_words():
 def test_example_fn_errors():
     with pytest.raises(UserError, match="whole_word_mask needs a tokenizer with word pieces"):
         example_fn(Config(objective="mlm", data=DataConfig(whole_word_mask=True)), ByteTokenizer())
+
+
+def _packed_documents(tokenizer, length=64):
+    """Rows of bos + text + eos documents from the tokenizer, padding at the end."""
+    documents = [[tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id] for text in TEXTS[:5]]
+    ids = np.concatenate(documents)
+    segments = np.concatenate([np.full(len(doc), i + 1) for i, doc in enumerate(documents)])
+    rows = []
+    for start in range(0, len(ids), length - 8):
+        tokens = np.full(length, padding_id(tokenizer), np.int32)
+        segment_ids = np.zeros(length, np.int32)
+        piece = slice(start, start + length - 8)
+        tokens[: len(ids[piece])], segment_ids[: len(ids[piece])] = ids[piece], segments[piece]
+        rows.append({"tokens": tokens, "tokens_segment_ids": segment_ids,
+                     "tokens_positions": np.zeros(length, np.int32)})
+    return rows
+
+
+@pytest.mark.parametrize("style", ["bert", "roberta"])  # specials first / last in the vocabulary
+def test_mlm_masks_with_the_tokenizers_mask_and_never_selects_or_inserts_specials(style, hf_bert,
+                                                                                  tmp_path):
+    path = hf_bert if style == "bert" else byte_level_bpe(tmp_path, ROBERTA)
+    tokenizer = load_tokenizer(f"hf:{path}")
+    mlm = example_fn(Config(objective="mlm", data=DataConfig(mask_rate=0.3)), tokenizer)
+    specials = list(tokenizer.special_ids)
+    masked = randomized = 0
+    for index in range(100):
+        for row in _packed_documents(tokenizer):
+            ex = mlm(row, (0, index))
+            chosen = ex["weights"] > 0
+            replaced = chosen & (ex["inputs"] != row["tokens"]) & (ex["inputs"] != tokenizer.mask_id)
+            assert not np.isin(row["tokens"][chosen], specials).any(), "a special token was selected"
+            assert not np.isin(ex["inputs"][replaced], specials).any(), "a special token was inserted"
+            np.testing.assert_array_equal(ex["inputs"][~chosen], row["tokens"][~chosen])
+            masked += (ex["inputs"][chosen] == tokenizer.mask_id).sum()
+            randomized += replaced.sum()
+    assert masked > 0 and randomized > 0 and masked > 5 * randomized
+
+
+def test_mlm_without_a_mask_token_is_a_user_error(hf_gpt2):
+    cfg = Config(objective="mlm", data=DataConfig(tokenizer=f"hf:{hf_gpt2}"))
+    with pytest.raises(UserError, match="objective mlm needs a mask token"):
+        example_fn(cfg, load_tokenizer(cfg.data.tokenizer))

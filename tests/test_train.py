@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -119,3 +120,28 @@ def test_save_on_one_mesh_resume_on_another_and_evaluate_anywhere(tiny_cfg):
         results.append(evaluator(params))
     assert results[0]["tokens"] == results[1]["tokens"]
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("objective, style", [("clm", "gpt2"), ("mlm", "bert")])
+def test_train_and_eval_with_an_hf_tokenizer(tiny_cfg, objective, style, request):
+    from jaxlm.data import open_split
+    from jaxlm.evaluate import Evaluator
+    from jaxlm.tokenizer import load_tokenizer
+
+    spec = f"hf:{request.getfixturevalue(f'hf_{style}')}"
+    cfg = dataclasses.replace(tiny_cfg, objective=objective,
+                              data=dataclasses.replace(tiny_cfg.data, tokenizer=spec))
+    final = train(cfg, show_progress=False)
+    assert np.isfinite(final["loss"]) and final["bits_per_byte"] > 0
+    run_cfg, setup, params, step = load_run(cfg.run_dir)
+    tokenizer = load_tokenizer(run_cfg.data.tokenizer)
+    copy = cfg.run_dir / "tokenizer.json"  # the run reads its own copy from now on
+    assert step == cfg.train.steps and run_cfg.data.tokenizer == f"hf:{copy}"
+    assert copy.read_bytes() == Path(spec[len("hf:"):]).read_bytes()
+    assert run_cfg.model.vocab_size == -(-tokenizer.vocab_size // 128) * 128
+    evaluator = Evaluator(setup, open_split(run_cfg.data, "validation"), tokenizer)
+    result = evaluator(params, max_batches=2)
+    assert result["loss"] == pytest.approx(final["loss"], rel=1e-5) and result["tokens"] > 0
+    if objective == "mlm":
+        pseudo = evaluator.pseudo_perplexity(params, rows=2)
+        assert pseudo["pseudo_perplexity_tokens"] > 0 and np.isfinite(pseudo["pseudo_perplexity"])
