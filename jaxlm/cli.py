@@ -261,7 +261,9 @@ def _generate(args: argparse.Namespace) -> None:
     if not is_causal(cfg.objective, cfg.model.causal) or cfg.objective == "classify":
         raise UserError(f"generate needs a causal LM; {args.run} was trained with {cfg.objective}")
     if args.input_file is not None:
-        _generate_file(args, cfg, setup, params)
+        from jaxlm.cli_tasks import generate_file
+
+        generate_file(args, cfg, setup, params)
         return
     prompts = args.prompt or [""]
     texts = generate(
@@ -286,25 +288,6 @@ def _add_input_file(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--input-file", type=Path, default=None, metavar="FILE", help=help_text)
 
 
-def _generate_file(args: argparse.Namespace, cfg, setup, params) -> None:
-    """`generate --input-file`: one completion per record of a seq2seq run."""
-    from jaxlm.datasets.tasks import read_inference_file
-    from jaxlm.task_eval import complete
-    from jaxlm.tasks import formatted
-    from jaxlm.tokenizer import load_tokenizer
-
-    if cfg.objective != "seq2seq_lm":
-        raise UserError(f"--input-file needs a seq2seq_lm run; {args.run} was trained with "
-                        f"{cfg.objective} (use --prompt)")
-    records = [r for _, r in read_inference_file(args.input_file, "seq2seq_lm", cfg.data.fields)]
-    inputs = [formatted(r, "input", cfg.data.template) for r in records]
-    texts = complete(setup, params, load_tokenizer(cfg.data.tokenizer), inputs,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for record, text in zip(records, texts):
-        print(json.dumps({"input": record["input"], "text": text}))
-
-
 def _add_predict(commands: argparse._SubParsersAction, run_help: str) -> None:
     predict = commands.add_parser(
         "predict",
@@ -320,33 +303,9 @@ def _add_predict(commands: argparse._SubParsersAction, run_help: str) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    import jax
-    import numpy as np
+    from jaxlm.cli_tasks import predict
 
-    from jaxlm.datasets.tasks import label_ids, read_inference_file
-    from jaxlm.objectives import record_encoder
-    from jaxlm.run import RunDir, load_run
-    from jaxlm.task_eval import classify_probs
-    from jaxlm.tokenizer import load_tokenizer
-
-    if args.input_file is None:
-        raise UserError("predict needs --input-file FILE (JSONL or CSV records)")
-    cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
-    if cfg.objective != "classify":
-        raise UserError(f"predict needs a classify run; {args.run} was trained with {cfg.objective}")
-    names = RunDir(args.run).read_labels(cfg.model.num_labels)
-    lines = read_inference_file(args.input_file, "classify", cfg.data.fields)
-    records = [r for _, r in lines]
-    labelled = all("label" in r for r in records)
-    truth = label_ids(lines, names, args.input_file) if labelled else None
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    probs_NxC = classify_probs(setup, params, tokenizer, record_encoder(cfg, tokenizer), records)
-    for n, probs_C in enumerate(probs_NxC):
-        best = int(np.argmax(probs_C))
-        row = {"label": names[best], "probability": round(float(probs_C[best]), 6)}
-        if truth is not None:
-            row["true_label"] = names[truth[n]]
-        print(json.dumps(row))
+    predict(args)
 
 
 def _fill_mask(args: argparse.Namespace) -> None:
