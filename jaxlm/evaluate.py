@@ -39,6 +39,8 @@ class Evaluator:
         totals = self._totals(params, self._batches(), max_batches)
         summary = summarize(totals)
         if "confusion_CxC" in totals:  # classify: accuracy, macro-F1 and per-class counts
+            for per_token in ("perplexity", "bits_per_byte"):  # a label is no text
+                del summary[per_token]
             summary.update(classification_summary(totals["confusion_CxC"], self.label_names))
         if "nsp_weight_sum" in totals:  # mlm with data.nsp: the next-sentence head
             pairs = max(float(totals["nsp_weight_sum"]), 1.0)

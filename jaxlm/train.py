@@ -166,8 +166,9 @@ def _steps(job: _Job, end: int, stop: StopRequest, show_progress: bool,
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
             final_eval = job.evaluator(state["params"], cfg.train.eval_batches)
             log.write([{"step": step, **{f"eval_{k}": v for k, v in final_eval.items()}}])
-            bar.write(f"step {step}: eval loss {final_eval['loss']:.4f}, "
-                      f"bits/byte {final_eval['bits_per_byte']:.4f}")
+            measure = (f"bits/byte {final_eval['bits_per_byte']:.4f}" if "bits_per_byte" in final_eval
+                       else f"accuracy {final_eval['accuracy']:.4f}")  # classify
+            bar.write(f"step {step}: eval loss {final_eval['loss']:.4f}, {measure}")
             pending.restart_clock()
             interrupted = interrupted or stop.requested  # a signal that arrived during eval
             save = save or interrupted

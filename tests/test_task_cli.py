@@ -56,7 +56,7 @@ def test_classify_learns_a_separable_task_and_predict_agrees_with_eval(tmp_path,
     capsys.readouterr()
     assert main(["eval", "--run", str(tmp_path / "run")]) == 0
     result = _json_lines(capsys)[-1]
-    assert set(result["per_class"]) == {"ham", "spam"}
+    assert set(result["per_class"]) == {"ham", "spam"} and "bits_per_byte" not in result
     assert sum(c["true"] for c in result["per_class"].values()) == 40
     assert main(["predict", "--run", str(tmp_path / "run"), "--input-file", str(held_out)]) == 0
     rows = _json_lines(capsys)
