@@ -222,11 +222,16 @@ def stack_rows(rows: tuple[Example, ...] | list[Example]) -> Example:
     return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
 
-def empty_batch(rows: int, seq_len: int, pad_id: int) -> Example:
-    """All padding (segment 0, weight 0): counts for nothing. `pad_id`: see tokenizer.padding_id."""
+def empty_batch(rows: int, seq_len: int, pad_id: int, nsp: bool = False) -> Example:
+    """All padding (segment 0, weight 0): counts for nothing. `pad_id`: see tokenizer.padding_id;
+    `nsp`: with the (zero-weight) next-sentence labels of mlm + data.nsp batches."""
     ints = np.full((rows, seq_len), pad_id, np.int32)
     names = ("inputs", "targets", "segment_ids", "positions")
-    return {**{k: ints for k in names}, "weights": np.zeros((rows, seq_len), np.float32)}
+    batch = {**{k: ints for k in names}, "weights": np.zeros((rows, seq_len), np.float32)}
+    if nsp:
+        batch.update(nsp_targets=np.zeros((rows, seq_len), np.int32),
+                     nsp_weights=np.zeros((rows, seq_len), np.float32))
+    return batch
 
 
 def train_pipeline(
@@ -334,9 +339,7 @@ def pad_batch(batch: Example, rows: int, pad_id: int) -> Example:
     missing = rows - len(batch["inputs"])
     if missing == 0:
         return batch
-    pad = empty_batch(missing, batch["inputs"].shape[1], pad_id)
-    # Objective-specific keys (NSP labels) pad with zeros: zero weight, counted for nothing.
-    pad.update({k: np.zeros((missing, *v.shape[1:]), v.dtype) for k, v in batch.items() if k not in pad})
+    pad = empty_batch(missing, batch["inputs"].shape[1], pad_id, nsp="nsp_targets" in batch)
     return {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
 
 

@@ -40,7 +40,7 @@ def dry_run(cfg: Config, devices: list[jax.Device] | None = None) -> dict[str, A
     rows, length = cfg.train.batch_size, cfg.data.seq_len
     abstract_batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
-        for k, v in empty_batch(rows, length, pad_id=0).items()  # only shapes and dtypes matter
+        for k, v in empty_batch(rows, length, pad_id=0, nsp=cfg.data.nsp).items()  # shapes only
     }
     abstract_state = setup.abstract_sharded()
     compiled = make_train_step(setup).lower(abstract_state, abstract_batch).compile()

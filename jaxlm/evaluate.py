@@ -85,7 +85,7 @@ class Evaluator:
                 break
             if local is None:  # this process is done, others are not: join with padding
                 local = empty_batch(local_rows, self.setup.cfg.data.seq_len,
-                                    padding_id(self.tokenizer))
+                                    padding_id(self.tokenizer), nsp=self.setup.cfg.data.nsp)
             batch = global_batch(local, self.setup.batch_sharding)
             sums = self.step(params, batch, self.byte_lengths_V)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)

@@ -8,9 +8,10 @@ import numpy as np
 
 from jaxlm.config import DataConfig
 from jaxlm.data import open_split
+from jaxlm.dryrun import dry_run
 from jaxlm.metrics import read_metrics
 from jaxlm.nsp import nsp_example_fn, pair_row
-from jaxlm.run import load_run
+from jaxlm.run import load_run, resolve
 from jaxlm.tokenizer import ByteTokenizer
 from jaxlm.train import train
 
@@ -76,3 +77,9 @@ def test_nsp_run_logs_its_accuracy_and_resumes_bitwise(tiny_cfg, tmp_path):
     (_, _, params_a, _), (_, _, params_b, _) = load_run(whole.run_dir), load_run(split.run_dir)
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dry_run_compiles_the_nsp_step(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, objective="mlm", data=dataclasses.replace(tiny_cfg.data, nsp=True))
+    report = dry_run(resolve(cfg, TOK))
+    assert report["params"] > 0 and report["batch_bytes_per_device"] > 0
