@@ -102,19 +102,33 @@ class _StorageErrors(logging.Filter):
         return True
 
 
-def _ignore_closed_loop(unraisable: Any, previous: Callable) -> None:
-    """After a failed read or write, Orbax's futures call into its closed event loop at exit."""
-    exc = unraisable.exc_value
-    if not (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)):
+def _closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def _skip_closed_loop_unraisable(unraisable: Any, previous: Callable) -> None:
+    if not _closed_loop(unraisable.exc_value):
         previous(unraisable)
 
 
-def _quiet_leftovers() -> None:
-    """Once a read or write failed, the leftovers of Orbax's async I/O stay quiet for good."""
-    if getattr(sys.unraisablehook, "func", None) is _ignore_closed_loop:
+def _skip_closed_loop_error(kind: type, exc: BaseException, tb: Any, previous: Callable) -> None:
+    if not _closed_loop(exc):
+        previous(kind, exc, tb)
+
+
+def _ignore_closed_loops() -> None:
+    """When a read or write fails, TensorStore's callbacks still call into Orbax's event loop after
+    it closed, from other threads, and Python prints each as a traceback (through these hooks);
+    that one error says nothing to the user, so it is dropped. Installed once per process."""
+    if getattr(sys.excepthook, "func", None) is _skip_closed_loop_error:
         return
+    sys.unraisablehook = functools.partial(_skip_closed_loop_unraisable, previous=sys.unraisablehook)
+    sys.excepthook = functools.partial(_skip_closed_loop_error, previous=sys.excepthook)
+
+
+def _quiet_leftovers() -> None:
+    """Once a read or write failed, its leftover asyncio futures do not log the error again."""
     logging.getLogger("asyncio").addFilter(_StorageErrors())
-    sys.unraisablehook = functools.partial(_ignore_closed_loop, previous=sys.unraisablehook)
 
 
 class Checkpointer:
@@ -133,6 +147,7 @@ class Checkpointer:
         self._manager._maybe_await_cleanup_tmp_directory()  # a directory listing: quick
         self._unconfirmed: int | None = None  # the last step saved, until it is seen committed
         self._errors = _StorageErrors()
+        _ignore_closed_loops()
         logging.getLogger("absl").addFilter(self._errors)
 
     # ------------------------------------------------------------ writing
