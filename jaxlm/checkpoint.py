@@ -16,7 +16,7 @@ from absl import logging as absl_logging
 
 from jaxlm.config import CheckpointConfig, Config, apply_override, from_dict, to_dict, validate
 from jaxlm.errors import UserError
-from jaxlm.state import Setup, State, make_setup
+from jaxlm.state import Setup, State, init_state, make_setup
 from jaxlm.tokenizer import SENTENCEPIECE_PREFIX, load_tokenizer, sentencepiece_path
 
 RUN_TOKENIZER = "tokenizer.model"  # a run's own copy of its SentencePiece model
@@ -38,29 +38,29 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: State, data_iter: Any, cfg: Config) -> None:
-        """Starts an (async) save; arrays are copied off the devices before this returns."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state["params"]),
-                opt=ocp.args.StandardSave(state["opt"]),
-                data=grain.checkpoint.CheckpointSave(data_iter),
-                config=ocp.args.JsonSave(to_dict(cfg)),
-            ),
-            force=True,
-        )
+        """Starts an (async) save; arrays are copied off the devices before this returns.
+        A state without "opt" and no `data_iter` save params alone (an imported model)."""
+        items = {"params": ocp.args.StandardSave(state["params"]),
+                 "config": ocp.args.JsonSave(to_dict(cfg))}
+        if "opt" in state:
+            items["opt"] = ocp.args.StandardSave(state["opt"])
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, setup: Setup, data_iter: Any | None) -> State:
         """Restores the full train state onto `setup`'s mesh; `data_iter` is advanced in place
-        (None: the data position is not restored)."""
-        items = {
-            "params": ocp.args.StandardRestore(setup.abstract_sharded("params")),
-            "opt": ocp.args.StandardRestore(setup.abstract_sharded("opt")),
-        }
-        if data_iter is not None:
+        (None: the data position is not restored). A params-only checkpoint (an imported model)
+        gets a fresh optimizer state and leaves the data at its start."""
+        saved = {item.name for item in self.step_dir(step).iterdir()}
+        items = {"params": ocp.args.StandardRestore(setup.abstract_sharded("params"))}
+        if "opt" in saved:
+            items["opt"] = ocp.args.StandardRestore(setup.abstract_sharded("opt"))
+        if data_iter is not None and "data" in saved:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return {"params": restored.params, "opt": restored.opt}
+        opt = restored.opt if "opt" in saved else init_state(setup)["opt"]
+        return {"params": restored.params, "opt": opt}
 
     def restore_params(self, step: int, setup: Setup) -> Any:
         restored = self._manager.restore(
@@ -154,8 +154,12 @@ def init_params_from(spec: str, setup: Setup) -> Any:
     """Params of checkpoint `RUN_DIR[@STEP]` laid out for `setup` (pretrain -> fine-tune).
 
     Every parameter must exist in both models with the same shape; the first that does not is
-    named in the error.
+    named in the error. `hf:DIR` reads a Hugging Face checkpoint instead.
     """
+    if spec.startswith("hf:"):
+        from jaxlm.hf.importer import params_from_hf
+
+        return params_from_hf(Path(spec[3:]).expanduser(), setup)
     run_text, _, step_text = spec.rpartition("@") if "@" in spec else (spec, "", "")
     if step_text and not step_text.isdigit():
         raise UserError(f"init_from '{spec}' must look like RUN_DIR or RUN_DIR@STEP")
