@@ -46,6 +46,7 @@ def export_run(run_dir: Path, step: int | None, out: Path, dtype: str,
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose a new directory")
     cfg, _, params, step = load_run(run_dir, step, devices=jax.devices()[:1])
+    params = _flat(params)  # the only reference: each array is freed once written
     family = family_for_run(cfg.model, cfg.objective)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     vocab = exported_vocab(cfg.model.vocab_size, tokenizer.vocab_size)
@@ -69,24 +70,29 @@ def export_run(run_dir: Path, step: int | None, out: Path, dtype: str,
     return out
 
 
-def _write_tensors(cfg: Config, params: Any, vocab: int, dtype: Any, writer: ShardedWriter) -> None:
+def _write_tensors(cfg: Config, params: dict[str, jax.Array], vocab: int, dtype: Any, writer: ShardedWriter) -> None:
     """Each rule's params fetched to the host, padded vocab rows cut, converted per layer, cast
-    and streamed to the files."""
+    and streamed to the files; their device buffers are freed once written, so the host holds
+    about one copy of the model (on CPU the devices are the host)."""
     family = family_for_run(cfg.model, cfg.objective)
-    arrays = _flat(params)
+    arrays = dict(params)
     for r in family.table(cfg.model, cfg.objective):
-        host = [np.asarray(jax.device_get(arrays.pop(p))) for p in r.params]
-        host = [_cut_vocab(p, a, vocab) for p, a in zip(r.params, host)]
+        fetched = [arrays.pop(p) for p in r.params]
+        host = [_cut_vocab(p, np.asarray(a), vocab) for p, a in zip(r.params, fetched)]
         for _, layer in expand([r], cfg.model.n_layers):
             pieces = host if layer is None else [a[layer] for a in host]
             for name, tensor in zip(r.hf_names(layer), r.transform.to_hf(*pieces)):
-                writer.add(name, tensor.astype(dtype))
+                writer.add(name, tensor.astype(dtype, copy=False))
+        del host
+        for array in fetched:
+            array.delete()
     writer.close()
     if arrays:
         raise UserError(f"{family.model_type} has no tensor for jaxlm param {sorted(arrays)[0]}")
 
 
 def _cut_vocab(param: str, array: np.ndarray, vocab: int) -> np.ndarray:
+    """A view without the padded vocabulary rows."""
     if param not in VOCAB_AXIS:
         return array
-    return np.take(array, np.arange(vocab), axis=VOCAB_AXIS[param])
+    return array[:vocab] if VOCAB_AXIS[param] == 0 else array[:, :vocab]

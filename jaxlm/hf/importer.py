@@ -8,13 +8,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 
-from jaxlm.config import (CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig,
-                          TrainConfig, save_yaml, validate)
+from jaxlm.config import (CheckpointConfig, Config, DataConfig, ModelConfig, TrainConfig,
+                          save_yaml, validate)
 from jaxlm.errors import UserError
 from jaxlm.hf.convert import Family, check_names, expand, family_for_hf
 from jaxlm.hf.safetensors_io import HfTensors
@@ -63,16 +63,14 @@ def params_from_hf(directory: Path, setup: Setup) -> Any:
     return load_params(directory, family, objective, setup)
 
 
-def load_params(directory: Path, family: Family, objective: str, setup: Setup) -> Any:
-    """Reads each param's tensors, converts them on the host and places the result on the
-    devices shard by shard; one param group is on the host at a time."""
-    model = setup.cfg.model
+def converted(directory: Path, family: Family, objective: str, model: ModelConfig,
+              targets: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """(param, host array) for every param in `targets` (dotted name -> shape/dtype), converted
+    from the HF tensors one rule at a time: only that rule's tensors are on the host at once."""
     tensors = HfTensors(directory)
     tensors.add_prefix(family.base_prefix)
     rules = family.table(model, objective)
     check_names(family, rules, model.n_layers, tensors.names())
-    targets = _flat(setup.abstract_sharded("params"))
-    placed: dict[str, jax.Array] = {}
     for r in rules:
         host = {p: np.empty(targets[p].shape, targets[p].dtype) for p in r.params}
         for _, layer in expand([r], model.n_layers):
@@ -83,15 +81,25 @@ def load_params(directory: Path, family: Family, objective: str, setup: Setup) -
                     raise UserError(f"tensor {r.hf_names(layer)[0]} gives shape {array.shape} "
                                     f"for {param}, which the config makes {slot.shape}")
                 slot[...] = array
-        for param, array in host.items():
-            target = targets[param]
-            placed[param] = jax.make_array_from_callback(
-                target.shape, target.sharding, lambda index, a=array: a[index])
-    unfilled = targets.keys() - placed.keys()
+        yield from host.items()
+
+
+def load_params(directory: Path, family: Family, objective: str, setup: Setup) -> Any:
+    """The params on `setup`'s mesh, each placed shard by shard as soon as it is converted."""
+    targets = _flat(setup.abstract_sharded("params"))
+    placed = {param: jax.make_array_from_callback(
+                  targets[param].shape, targets[param].sharding, lambda index, a=array: a[index])
+              for param, array in converted(directory, family, objective, setup.cfg.model, targets)}
+    return _as_params(setup, placed)
+
+
+def _as_params(setup: Setup, leaves: dict[str, Any]) -> Any:
+    """`leaves` (dotted name -> array) in the structure of `setup`'s params."""
+    unfilled = _flat(setup.abstract["params"]).keys() - leaves.keys()
     if unfilled:
-        raise UserError(f"the {family.model_type} table has no rule for {sorted(unfilled)[0]}")
+        raise UserError(f"no HF tensor maps to jaxlm param {sorted(unfilled)[0]}")
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: placed[_dotted(path)], setup.abstract_sharded("params"))
+        lambda path, _: leaves[_dotted(path)], setup.abstract_sharded("params"))
 
 
 def _dotted(path: tuple) -> str:
@@ -101,15 +109,6 @@ def _dotted(path: tuple) -> str:
 
 def _flat(tree: Any) -> dict[str, Any]:
     return {_dotted(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _placement_setup(cfg: Config) -> Setup:
-    """The params split over every device (fsdp) when the shapes allow, else on one device."""
-    spread = dataclasses.replace(cfg, mesh=MeshConfig(axes={"data": 1, "fsdp": -1, "tensor": 1}))
-    try:
-        return make_setup(spread)
-    except UserError:
-        return make_setup(cfg, jax.devices()[:1])
 
 
 def import_hf(directory: Path, out: Path, objective: str | None = None) -> Config:
@@ -132,7 +131,9 @@ def import_hf(directory: Path, out: Path, objective: str | None = None) -> Confi
                  data=DataConfig(tokenizer=tokenizer, seq_len=min(256, model.max_seq_len)),
                  train=TrainConfig(run_dir=str(out)))
     validate(cfg)
-    params = load_params(directory, family, objective, _placement_setup(cfg))
+    # On one device: each converted param moves there and its host copy is freed (Orbax saves
+    # device arrays without a second host copy; host numpy trees it copies). Any mesh restores it.
+    params = load_params(directory, family, objective, make_setup(cfg, jax.devices()[:1]))
     staging = out.parent / f".{out.name}.importing-{os.getpid()}"
     try:
         staging.mkdir(parents=True)

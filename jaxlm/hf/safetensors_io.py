@@ -86,7 +86,7 @@ class ShardedWriter:
         data = np.ascontiguousarray(array)
         self.shards[-1][name] = {"dtype": DTYPES[data.dtype], "shape": list(data.shape),
                                  "data_offsets": [self._size, self._size + data.nbytes]}
-        self._data.write(data.tobytes())
+        self._data.write(data.reshape(-1).view(np.uint8).data)  # no bytes copy
         self._size += data.nbytes
 
     def _finish_shard(self) -> None:
