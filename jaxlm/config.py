@@ -130,7 +130,7 @@ class Config:
     name: str = "default"
     objective: Literal["clm", "mlm"] = "clm"
     seed: int = 0
-    init_from: str = ""  # RUN_DIR[@STEP]: start from that checkpoint's params (fresh optimizer)
+    init_from: str = ""  # RUN_DIR[@STEP] or hf:DIR: start from those params (fresh optimizer)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
