@@ -56,7 +56,7 @@ class Checkpointer:
         items = {"params": ocp.args.StandardRestore(setup.abstract_sharded("params"))}
         if "opt" in saved:
             items["opt"] = ocp.args.StandardRestore(setup.abstract_sharded("opt"))
-        if data_iter is not None and "data" in saved:
+        if data_iter is not None and "opt" in saved:  # a train checkpoint has both
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         opt = restored.opt if "opt" in saved else init_state(setup)["opt"]
