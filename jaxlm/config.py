@@ -356,7 +356,8 @@ def _validate_model(model: ModelConfig) -> None:
     if model.type_vocab_size < 0:
         raise UserError("model.type_vocab_size must be >= 0 (0: no token types)")
     if model.rope_scaling == "llama3" and not (
-        model.rope_scaling_factor > 0 and model.rope_high_freq_factor > model.rope_low_freq_factor > 0
+        model.rope_scaling_factor > 0
+        and model.rope_high_freq_factor > model.rope_low_freq_factor > 0
         and model.rope_original_max_seq_len > 0
     ):
         raise UserError(

@@ -156,7 +156,8 @@ class Mlp(nnx.Module):
         self.up = nnx.Linear(d, f, **wi, **common)
         self.gate = nnx.Linear(d, f, **wi, **common) if cfg.mlp == "swiglu" else None
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
-        wo = _dense_init(out_std, ("mlp", "embed")) | {"bias_metadata": {"out_sharding": ("embed",)}}
+        wo = _dense_init(out_std, ("mlp", "embed"))
+        wo["bias_metadata"] = {"out_sharding": ("embed",)}
         self.down = nnx.Linear(f, d, **wo, **common)
         self.activation = activation(cfg)
 
@@ -236,7 +237,8 @@ class Transformer(nnx.Module):
             )
             learned = cfg.position_embedding == "learned"
             self.pos_embed = _table(cfg.max_seq_len, cfg, rngs) if learned else None
-            self.type_embed = _table(cfg.type_vocab_size, cfg, rngs) if cfg.type_vocab_size else None
+            types = cfg.type_vocab_size
+            self.type_embed = _table(types, cfg, rngs) if types else None
             self.embed_norm = _norm(cfg, rngs) if cfg.embed_norm else None
             self.blocks = _stacked_blocks(cfg, rngs)
             self.final_norm = _norm(cfg, rngs) if cfg.final_norm else None
@@ -307,7 +309,8 @@ class Transformer(nnx.Module):
 
         n_layers = cache.k_NxBxSxHxK.shape[0]
         x_BxTxD = self._add_embeddings(self.embed(tokens_BxT), positions_BxT, None)
-        (x_BxTxD, cache), _ = jax.lax.scan(layer, (x_BxTxD, cache), (block_state, jnp.arange(n_layers)))
+        xs = (block_state, jnp.arange(n_layers))
+        (x_BxTxD, cache), _ = jax.lax.scan(layer, (x_BxTxD, cache), xs)
         return x_BxTxD, cache
 
     def _add_embeddings(
@@ -318,8 +321,9 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
         if self.type_embed is not None:
-            types_BxL = jnp.zeros_like(positions_BxL) if token_types_BxL is None else token_types_BxL
-            x_BxLxD = x_BxLxD + self.type_embed(types_BxL)
+            if token_types_BxL is None:
+                token_types_BxL = jnp.zeros_like(positions_BxL)
+            x_BxLxD = x_BxLxD + self.type_embed(token_types_BxL)
         return x_BxLxD if self.embed_norm is None else self.embed_norm(x_BxLxD)
 
     def init_cache(self, batch: int, length: int) -> KVCache:

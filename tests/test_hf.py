@@ -45,7 +45,8 @@ def _jaxlm_logits(directory, devices, mesh=None):
 def _forward(setup, params, ids_BxL, segment_ids_BxL=None):
     positions_BxL = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
     segments = jnp.ones_like(ids_BxL) if segment_ids_BxL is None else segment_ids_BxL
-    return np.asarray(nnx.merge(setup.model_def, params)(jnp.asarray(ids_BxL), segments, positions_BxL))
+    model = nnx.merge(setup.model_def, params)
+    return np.asarray(model(jnp.asarray(ids_BxL), segments, positions_BxL))
 
 
 def _close(ours, theirs, atol=1e-4):
@@ -76,7 +77,8 @@ def test_imported_logits_match_on_a_padded_batch_of_two_lengths(family, hf_dirs)
 def test_import_onto_an_8_device_fsdp_mesh_matches_one_device(family, hf_dirs):
     _, directory = hf_dirs[family]
     one = _forward(*_jaxlm_logits(directory, jax.devices()[:1]), IDS_BxL)
-    setup, params = _jaxlm_logits(directory, None, MeshConfig(axes={"data": 1, "fsdp": 8, "tensor": 1}))
+    fsdp = MeshConfig(axes={"data": 1, "fsdp": 8, "tensor": 1})
+    setup, params = _jaxlm_logits(directory, None, fsdp)
     kernel = params["blocks"]["attn"]["q"]["kernel"][...]
     assert kernel.sharding.shard_shape(kernel.shape)[1] == kernel.shape[1] // 8
     np.testing.assert_allclose(_forward(setup, params, IDS_BxL), one, atol=1e-5)
@@ -154,7 +156,8 @@ def trained(tmp_path_factory):
                             max_seq_len=64, **switches)
         run_dir = tmp_path_factory.mktemp(family) / "run"
         cfg = Config(objective=hf_models.OBJECTIVES[family], model=model,
-                     data=DataConfig(seq_len=32), optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
+                     data=DataConfig(seq_len=32),
+                     optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
                      train=TrainConfig(run_dir=str(run_dir)))
         runs[family] = _train_steps(cfg)
     return runs

@@ -47,14 +47,15 @@ def _edit_tensors(directory, edit):
 BAD_INPUTS = {
     "no config.json": ("gpt2", lambda d: (d / "config.json").unlink(), "config.json"),
     "truncated safetensors": (
-        "gpt2", lambda d: os.truncate(d / "model.safetensors", os.path.getsize(d / "model.safetensors") // 2),
+        "gpt2", lambda d: os.truncate(d / "model.safetensors", 3000),
         "model.safetensors"),
     "unsupported model_type": ("llama", lambda d: _edit_config(d, model_type="mistral"),
                                "'model_type'"),
     "unsupported rope scaling": ("llama", lambda d: _edit_config(
         d, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
         "'rope_parameters'"),
-    "unsupported gpt2 option": ("gpt2", lambda d: _edit_config(d, scale_attn_by_inverse_layer_idx=True),
+    "unsupported gpt2 option": ("gpt2", lambda d: _edit_config(
+        d, scale_attn_by_inverse_layer_idx=True),
                                 "'scale_attn_by_inverse_layer_idx'"),
     "missing tensor": ("llama", lambda d: _edit_tensors(d, lambda t: t.pop("model.norm.weight")),
                        "missing model.norm.weight"),

@@ -68,8 +68,9 @@ def table(m: ModelConfig, objective: str) -> list[Rule]:
         rule("blocks.mlp_norm.bias", layer + "output.LayerNorm.bias", SAME),
     ]
     for p, name in (("q", "query"), ("k", "key"), ("v", "value")):
-        rules += [rule(f"blocks.attn.{p}.kernel", f"{layer}attention.self.{name}.weight", heads_in(h, k)),
-                  rule(f"blocks.attn.{p}.bias", f"{layer}attention.self.{name}.bias", head_bias(h, k))]
+        hf = f"{layer}attention.self.{name}"
+        rules += [rule(f"blocks.attn.{p}.kernel", f"{hf}.weight", heads_in(h, k)),
+                  rule(f"blocks.attn.{p}.bias", f"{hf}.bias", head_bias(h, k))]
     if objective == "mlm":
         head = "cls.predictions."
         rules += [

@@ -70,7 +70,8 @@ def export_run(run_dir: Path, step: int | None, out: Path, dtype: str,
     return out
 
 
-def _write_tensors(cfg: Config, params: dict[str, jax.Array], vocab: int, dtype: Any, writer: ShardedWriter) -> None:
+def _write_tensors(cfg: Config, params: dict[str, jax.Array], vocab: int, dtype: Any,
+                   writer: ShardedWriter) -> None:
     """Each rule's params fetched to the host, padded vocab rows cut, converted per layer, cast
     and streamed to the files; their device buffers are freed once written, so the host holds
     about one copy of the model (on CPU the devices are the host)."""

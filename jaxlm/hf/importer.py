@@ -43,8 +43,8 @@ def hf_model_config(hf: dict[str, Any], objective: str | None) -> tuple[Family, 
     family = family_for_hf(hf)
     objective = objective or family.objectives[0]
     if objective not in family.objectives:
-        raise UserError(f"a {family.model_type} checkpoint has no {objective} head; use "
-                        f"--objective {family.objectives[0]}")
+        raise UserError(f"a {family.model_type} checkpoint has no {objective} head; its "
+                        f"objective is {family.objectives[0]}")
     return family, ModelConfig(**family.config_from_hf(hf, objective)), objective
 
 
@@ -131,8 +131,8 @@ def import_hf(directory: Path, out: Path, objective: str | None = None) -> Confi
                  data=DataConfig(tokenizer=tokenizer, seq_len=min(256, model.max_seq_len)),
                  train=TrainConfig(run_dir=str(out)))
     validate(cfg)
-    # On one device: each converted param moves there and its host copy is freed (Orbax saves
-    # device arrays without a second host copy; host numpy trees it copies). Any mesh restores it.
+    # On one device: each param moves there as soon as it is converted and its host copy is
+    # freed (Orbax copies a tree of host arrays once more when saving). Any mesh restores it.
     params = load_params(directory, family, objective, make_setup(cfg, jax.devices()[:1]))
     staging = out.parent / f".{out.name}.importing-{os.getpid()}"
     try:

@@ -12,14 +12,16 @@ from jaxlm.errors import UserError
 
 
 def _rope(hf: dict[str, Any]) -> dict[str, Any]:
-    """RoPE settings from transformers 5's `rope_parameters` or the older rope_theta/rope_scaling."""
+    """RoPE settings from transformers 5's `rope_parameters`, or older rope_theta/rope_scaling."""
     if hf.get("rope_parameters"):
         rope, key = dict(hf["rope_parameters"]), "rope_parameters"
     else:
-        rope, key = {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1e4)}, "rope_scaling"
+        rope = {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1e4)}
+        key = "rope_scaling"
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
-        raise UserError(f"HF config key '{key}' has rope_type {kind!r}; jaxlm supports default, llama3")
+        raise UserError(f"HF config key '{key}' has rope_type {kind!r}; jaxlm supports "
+                        "default and llama3")
     out = {"rope_theta": float(rope["rope_theta"])}
     if kind == "llama3":
         out |= dict(rope_scaling="llama3", rope_scaling_factor=float(rope["factor"]),
