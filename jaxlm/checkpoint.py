@@ -11,6 +11,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
@@ -62,14 +63,16 @@ class Checkpointer:
         opt = restored.opt if "opt" in saved else init_state(setup)["opt"]
         return {"params": restored.params, "opt": opt}
 
-    def restore_params(self, step: int, setup: Setup) -> Any:
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(setup.abstract_sharded("params"))
-            ),
-        )
-        return restored.params
+    def restore_params(self, step: int, setup: Setup, host: bool = False) -> Any:
+        """Params on `setup`'s mesh, or as host numpy arrays (`host`: nothing placed on devices,
+        e.g. to convert them)."""
+        target = setup.abstract_sharded("params")
+        if host:
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+            item = ocp.args.PyTreeRestore(item=target, restore_args=as_numpy)
+        else:
+            item = ocp.args.StandardRestore(target)
+        return self._manager.restore(step, args=ocp.args.Composite(params=item)).params
 
     def restore_config_dict(self, step: int) -> dict[str, Any]:
         restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -136,6 +139,7 @@ def load_run(
     step: int | None = None,
     overrides: list[str] = (),
     devices: list[jax.Device] | None = None,
+    host: bool = False,
 ) -> tuple[Config, Setup, Any, int]:
     """Config, setup and params of a run's checkpoint, laid out on `devices` (default: all).
 
@@ -145,7 +149,7 @@ def load_run(
     checkpointer, step = _open_run(run_dir, step)
     cfg = _run_config(checkpointer, run_dir, step, overrides)
     setup = make_setup(cfg, devices)
-    params = checkpointer.restore_params(step, setup)
+    params = checkpointer.restore_params(step, setup, host)
     checkpointer.close()
     return cfg, setup, params, step
 

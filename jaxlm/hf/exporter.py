@@ -45,7 +45,7 @@ def export_run(run_dir: Path, step: int | None, out: Path, dtype: str,
 
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose a new directory")
-    cfg, _, params, step = load_run(run_dir, step, devices=jax.devices()[:1])
+    cfg, _, params, step = load_run(run_dir, step, devices=jax.devices()[:1], host=True)
     params = _flat(params)  # the only reference: each array is freed once written
     family = family_for_run(cfg.model, cfg.objective)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -70,23 +70,17 @@ def export_run(run_dir: Path, step: int | None, out: Path, dtype: str,
     return out
 
 
-def _write_tensors(cfg: Config, params: dict[str, jax.Array], vocab: int, dtype: Any,
+def _write_tensors(cfg: Config, arrays: dict[str, np.ndarray], vocab: int, dtype: Any,
                    writer: ShardedWriter) -> None:
-    """Each rule's params fetched to the host, padded vocab rows cut, converted per layer, cast
-    and streamed to the files; their device buffers are freed once written, so the host holds
-    about one copy of the model (on CPU the devices are the host)."""
+    """Each rule's params (host arrays, popped from `arrays` so they are freed once written),
+    padded vocab rows cut, converted per layer, cast and streamed to the files."""
     family = family_for_run(cfg.model, cfg.objective)
-    arrays = dict(params)
     for r in family.table(cfg.model, cfg.objective):
-        fetched = [arrays.pop(p) for p in r.params]
-        host = [_cut_vocab(p, np.asarray(a), vocab) for p, a in zip(r.params, fetched)]
+        host = [_cut_vocab(p, arrays.pop(p), vocab) for p in r.params]
         for _, layer in expand([r], cfg.model.n_layers):
             pieces = host if layer is None else [a[layer] for a in host]
             for name, tensor in zip(r.hf_names(layer), r.transform.to_hf(*pieces)):
                 writer.add(name, tensor.astype(dtype, copy=False))
-        del host
-        for array in fetched:
-            array.delete()
     writer.close()
     if arrays:
         raise UserError(f"{family.model_type} has no tensor for jaxlm param {sorted(arrays)[0]}")
