@@ -193,8 +193,7 @@ def test_exported_run_loads_in_transformers_with_the_same_logits_and_greedy_text
                 torch.as_tensor([context]), max_new_tokens=20, do_sample=False,
                 suppress_tokens=np.flatnonzero(banned_V[: ByteTokenizer.vocab_size]).tolist())
         theirs_new = generated[0, len(context):].tolist()
-        eos = loaded.generation_config.eos_token_id
-        assert new == (theirs_new[: theirs_new.index(eos)] if eos in theirs_new else theirs_new)
+        assert len(new) == 20 and new == theirs_new  # no EOS: all 20 tokens compared
 
 
 @pytest.mark.parametrize("switches, key", [
@@ -219,3 +218,18 @@ def test_fine_tuning_from_hf_lowers_the_loss(hf_dirs, corpus, cache_dir, tmp_pat
     losses = [json.loads(line)["loss"] for line in (cfg.run_dir / "metrics.jsonl").open()
               if '"loss"' in line]
     assert losses[-1] < losses[0]
+
+
+def test_import_copies_the_tokenizer_and_points_the_run_at_it(hf_dirs, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    _, directory = hf_dirs["gpt2"]
+    source = tmp_path / "hf"
+    source.mkdir()
+    for item in directory.iterdir():
+        (source / item.name).write_bytes(item.read_bytes())
+    vocab = {f"t{i}": i for i in range(hf_models.VOCAB)}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(source / "tokenizer.json"))
+    cfg = import_hf(source, tmp_path / "run")
+    assert cfg.data.tokenizer == f"hf:{tmp_path / 'run' / 'tokenizer.json'}"
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
