@@ -185,7 +185,8 @@ def _add_hf_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--run", required=True, metavar="RUN_DIR[@STEP]",
                         help="run directory, optionally @STEP (default: latest checkpoint)")
     export.add_argument("--out", type=Path, required=True, help="directory to create")
-    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the written tensors (default: float32)")
     export.add_argument("--max-shard-mb", type=int, default=5000,
                         help="split the safetensors into files of at most this size, with an index")
 
