@@ -113,6 +113,7 @@ def _data_overrides(corpus, cache_dir):
 
 @pytest.mark.parametrize("family, command", [
     ("gpt2", "generate"), ("llama", "eval"), ("bert", "fill-mask"), ("llama", "train"),
+    ("gpt2", "init_from"),
 ])
 def test_every_command_works_on_an_imported_run(family, command, hf_dir, tmp_path, corpus,
                                                 cache_dir, capsys):
@@ -125,11 +126,16 @@ def test_every_command_works_on_an_imported_run(family, command, hf_dir, tmp_pat
         "fill-mask": ["fill-mask", "--run", str(run), "def [MASK](self):"],
         "train": ["train", "--config", str(run / "config.yaml"), "--force-resume", "--no-progress",
                   "--set", "train.steps=2", "--set", "train.batch_size=8", *data],
+        "init_from": ["train", "--config", str(run / "config.yaml"), "--no-progress",
+                      "--set", f"init_from={run}", "--set", f"train.run_dir={tmp_path / 'ft'}",
+                      "--set", "train.steps=1", "--set", "train.batch_size=8", *data],
     }[command]
     capsys.readouterr()
     assert main(argv) == 0
     out = capsys.readouterr()
-    if command == "train":  # resumed from the imported step 0 with a fresh optimizer
+    if command == "init_from":
+        assert f"initialized params from {run}" in out.out
+    elif command == "train":  # resumed from the imported step 0 with a fresh optimizer
         assert "resuming from step 0" in out.out and (run / "checkpoints" / "2").is_dir()
     elif command == "eval":
         assert json.loads(out.out.strip().splitlines()[-1])["step"] == 0
