@@ -233,3 +233,24 @@ def test_import_copies_the_tokenizer_and_points_the_run_at_it(hf_dirs, tmp_path)
     cfg = import_hf(source, tmp_path / "run")
     assert cfg.data.tokenizer == f"hf:{tmp_path / 'run' / 'tokenizer.json'}"
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("config, hf_config", [
+    ("gpt2_124m.yaml", lambda tf: tf.GPT2Config()),
+    ("bert_base.yaml", lambda tf: tf.BertConfig()),
+    ("llama_1b.yaml", lambda tf: tf.LlamaConfig(  # Llama-3.2-1B's published config.json
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        rope_theta=500000.0)),
+])
+def test_exact_configs_are_what_import_makes_of_the_hf_configs(config, hf_config):
+    import transformers
+
+    from conftest import REPO
+    from jaxlm.config import load_config
+
+    _, model, _ = hf_model_config(hf_config(transformers).to_dict(), None)
+    assert model == load_config(REPO / "configs" / config).model

@@ -38,8 +38,10 @@ def config_from_hf(hf: dict[str, Any], objective: str) -> dict[str, Any]:
     hf_value(hf, "hidden_act", ("silu",), "silu")
     bias = hf_value(hf, "attention_bias", (False, True), False)
     hf_value(hf, "mlp_bias", (bias,), False)  # jaxlm has one switch for both
+    kv, k = hf.get("num_key_value_heads"), hf.get("head_dim")
     return dict(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, d_ff=d_ff,
-                n_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
+                n_kv_heads=None if kv in (None, heads) else kv,  # null: jaxlm's own defaults
+                head_dim=None if k is None or k * heads == d else k,
                 max_seq_len=hf.get("max_position_embeddings", 2048), mlp="swiglu",
                 tie_embeddings=hf.get("tie_word_embeddings", False),
                 norm_eps=hf.get("rms_norm_eps", 1e-6), bias=bias, **_rope(hf))
