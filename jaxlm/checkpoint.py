@@ -20,11 +20,12 @@ from typing import Any, Callable
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlm.config import CheckpointConfig, Config, to_dict
 from jaxlm.errors import TrainingStopped, UserError
-from jaxlm.state import Setup, State
+from jaxlm.state import Setup, State, init_state
 
 # TensorStore reports storage problems as ValueError("STATUS: ..."); these mean lost or torn bytes.
 _LOSS_STATUSES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
@@ -154,15 +155,16 @@ class Checkpointer:
 
     def save(self, step: int, state: State, data_iter: Any, cfg: Config,
              dataset: dict[str, Any] | None = None) -> None:
-        """Starts an (async) save; arrays are copied off the devices before this returns."""
+        """Starts an (async) save; arrays are copied off the devices before this returns. A state
+        without "opt" and no `data_iter` saves params alone (an imported model)."""
         self.check_saves()
         self._errors.error = None  # only errors logged while this save runs belong to it
-        items = {
-            "params": ocp.args.StandardSave(state["params"]),
-            "opt": ocp.args.StandardSave(state["opt"]),
-            "data": grain.checkpoint.CheckpointSave(data_iter),
-            "config": ocp.args.JsonSave(to_dict(cfg)),
-        }
+        items = {"params": ocp.args.StandardSave(state["params"]),
+                 "config": ocp.args.JsonSave(to_dict(cfg))}
+        if "opt" in state:  # else params alone: an imported model
+            items["opt"] = ocp.args.StandardSave(state["opt"])
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if dataset is not None:
             items["dataset"] = ocp.args.JsonSave(dataset)
         try:
@@ -210,14 +212,26 @@ class Checkpointer:
     def restore(self, step: int, setup: Setup, data_iter: Any | None) -> State:
         """The full train state on `setup`'s mesh; `data_iter` is advanced in place (None: the data
         position is not restored). Raises CheckpointDamaged or CheckpointMismatch."""
+        if self._params_only(step):  # an imported model: fresh optimizer, data from its start
+            return {"params": self.restore_params(step, setup), "opt": init_state(setup)["opt"]}
         items = {part: self._state_item(step, setup, part) for part in _STATE_ITEMS}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._read(step, items)
         return {"params": restored.params, "opt": restored.opt}
 
-    def restore_params(self, step: int, setup: Setup) -> Any:
-        return self._read(step, {"params": self._state_item(step, setup, "params")}).params
+    def restore_params(self, step: int, setup: Setup, host: bool = False) -> Any:
+        """Params on `setup`'s mesh, or as host numpy arrays (`host`: nothing placed on devices,
+        e.g. to convert them)."""
+        item = self._state_item(step, setup, "params")
+        if host:
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item.item)
+            item = ocp.args.PyTreeRestore(item=item.item, restore_args=as_numpy)
+        return self._read(step, {"params": item}).params
+
+    def _params_only(self, step: int) -> bool:
+        """A checkpoint of params alone: what `jaxlm import` writes."""
+        return not any((self.step_dir(step) / part).exists() for part in ("opt", "data"))
 
     def restore_config_dict(self, step: int) -> dict[str, Any]:
         return self._read(step, {"config": ocp.args.JsonRestore()}).config

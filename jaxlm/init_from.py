@@ -11,15 +11,19 @@ from jaxlm.checkpoint import CheckpointDamaged, shapes
 from jaxlm.errors import UserError
 from jaxlm.run import RunDir, read_only_checkpointer, saved_config
 from jaxlm.state import Setup, make_setup
-from jaxlm.tokenizer import tokenizer_files
+from jaxlm.tokenizer import HF_PREFIX, tokenizer_files
 
 
 def params_from(spec: str, setup: Setup) -> Any:
     """Params of checkpoint `RUN_DIR[@STEP]` laid out for `setup`.
 
     Every parameter must exist in both models with the same shape; the first that does not is
-    named in the error.
+    named in the error. `hf:DIR` reads a Hugging Face checkpoint instead.
     """
+    if spec.startswith(HF_PREFIX):
+        from jaxlm.hf.importer import params_from_hf
+
+        return params_from_hf(Path(spec[len(HF_PREFIX):]).expanduser(), setup)
     run_text, _, step_text = spec.rpartition("@") if "@" in spec else (spec, "", "")
     if step_text and not step_text.isdigit():
         raise UserError(f"init_from '{spec}' must look like RUN_DIR or RUN_DIR@STEP")
