@@ -167,7 +167,8 @@ def trained(tmp_path_factory):
 def _greedy_jaxlm(setup, params, context, new_tokens):
     banned_V = banned_tokens(setup.cfg.model.vocab_size, ByteTokenizer())
     sampler = make_sampler(setup, banned_V, temperature=0.0, top_k=0, top_p=1.0)
-    return sample_ids(sampler, params, [context], max_new_tokens=new_tokens, seed=0)[0], banned_V
+    return sample_ids(sampler, params, [context], max_new_tokens=new_tokens, seed=0,
+                      eos_id=ByteTokenizer.eos_id)[0], banned_V
 
 
 @pytest.mark.parametrize("family", hf_models.FAMILIES)
