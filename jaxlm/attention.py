@@ -4,7 +4,8 @@
 backend, dtype or shape cannot serve falls back to the XLA reference with one warning per process,
 so a config written for an accelerator still runs anywhere. Every kernel applies the same rule:
 a query sees only keys of its own packed document (padding, id 0, only sees padding), and with
-`causal` only keys at or before it.
+`causal` only keys at or before it. Keys and values may have fewer heads than queries (grouped-query
+attention: each kv head serves n_heads / n_kv_heads query heads).
 
 Shape legend: B batch, L sequence, H heads, K head dim.
 """
@@ -48,6 +49,8 @@ def dot_product_attention(
     """Self-attention over packed rows by the kernel `implementation` names, if it runs here."""
     unsupported = _unsupported(implementation, q_BxLxHxK)
     if implementation == "splash" and not unsupported:
+        groups = q_BxLxHxK.shape[2] // k_BxLxHxK.shape[2]  # grouped-query: share each kv head
+        k_BxLxHxK, v_BxLxHxK = (jnp.repeat(x, groups, axis=2) for x in (k_BxLxHxK, v_BxLxHxK))
         return splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, causal=causal)
     if implementation == "cudnn" and not unsupported:
         # cuDNN skips the blocks above the diagonal itself; the document mask becomes its bias.
@@ -71,6 +74,8 @@ def dropout_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array, segm
                       causal: bool, drop: Callable[[Array], Array]) -> Array:
     """The XLA reference written out, with `drop` applied to the attention probabilities (the
     fused kernels have no dropout); used only by training steps with model.dropout > 0."""
+    groups = q_BxLxHxK.shape[2] // k_BxLxHxK.shape[2]  # grouped-query attention: G kv heads
+    k_BxLxHxK, v_BxLxHxK = (jnp.repeat(t, groups, axis=2) for t in (k_BxLxHxK, v_BxLxHxK))
     scale = 1.0 / np.sqrt(q_BxLxHxK.shape[-1])
     scores_BxHxLxL = jnp.einsum("BLHK,BMHK->BHLM", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32) * scale
     scores_BxHxLxL = jnp.where(attention_mask(segment_ids_BxL, causal), scores_BxHxLxL, -1e30)

@@ -20,11 +20,12 @@ from typing import Any, Callable
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlm.config import CheckpointConfig, Config, to_dict
 from jaxlm.errors import TrainingStopped, UserError
-from jaxlm.state import Setup, State
+from jaxlm.state import Setup, State, init_state
 
 # TensorStore reports storage problems as ValueError("STATUS: ..."); these mean lost or torn bytes.
 _LOSS_STATUSES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
@@ -102,19 +103,33 @@ class _StorageErrors(logging.Filter):
         return True
 
 
-def _ignore_closed_loop(unraisable: Any, previous: Callable) -> None:
-    """After a failed read or write, Orbax's futures call into its closed event loop at exit."""
-    exc = unraisable.exc_value
-    if not (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)):
+def _closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def _skip_closed_loop_unraisable(unraisable: Any, previous: Callable) -> None:
+    if not _closed_loop(unraisable.exc_value):
         previous(unraisable)
 
 
-def _quiet_leftovers() -> None:
-    """Once a read or write failed, the leftovers of Orbax's async I/O stay quiet for good."""
-    if getattr(sys.unraisablehook, "func", None) is _ignore_closed_loop:
+def _skip_closed_loop_error(kind: type, exc: BaseException, tb: Any, previous: Callable) -> None:
+    if not _closed_loop(exc):
+        previous(kind, exc, tb)
+
+
+def _ignore_closed_loops() -> None:
+    """When a read or write fails, TensorStore's callbacks still call into Orbax's event loop after
+    it closed, from other threads, and Python prints each as a traceback (through these hooks);
+    that one error says nothing to the user, so it is dropped. Installed once per process."""
+    if getattr(sys.excepthook, "func", None) is _skip_closed_loop_error:
         return
+    sys.unraisablehook = functools.partial(_skip_closed_loop_unraisable, previous=sys.unraisablehook)
+    sys.excepthook = functools.partial(_skip_closed_loop_error, previous=sys.excepthook)
+
+
+def _quiet_leftovers() -> None:
+    """Once a read or write failed, its leftover asyncio futures do not log the error again."""
     logging.getLogger("asyncio").addFilter(_StorageErrors())
-    sys.unraisablehook = functools.partial(_ignore_closed_loop, previous=sys.unraisablehook)
 
 
 class Checkpointer:
@@ -133,21 +148,23 @@ class Checkpointer:
         self._manager._maybe_await_cleanup_tmp_directory()  # a directory listing: quick
         self._unconfirmed: int | None = None  # the last step saved, until it is seen committed
         self._errors = _StorageErrors()
+        _ignore_closed_loops()
         logging.getLogger("absl").addFilter(self._errors)
 
     # ------------------------------------------------------------ writing
 
     def save(self, step: int, state: State, data_iter: Any, cfg: Config,
              dataset: dict[str, Any] | None = None) -> None:
-        """Starts an (async) save; arrays are copied off the devices before this returns."""
+        """Starts an (async) save; arrays are copied off the devices before this returns. A state
+        without "opt" and no `data_iter` saves params alone (an imported model)."""
         self.check_saves()
         self._errors.error = None  # only errors logged while this save runs belong to it
-        items = {
-            "params": ocp.args.StandardSave(state["params"]),
-            "opt": ocp.args.StandardSave(state["opt"]),
-            "data": grain.checkpoint.CheckpointSave(data_iter),
-            "config": ocp.args.JsonSave(to_dict(cfg)),
-        }
+        items = {"params": ocp.args.StandardSave(state["params"]),
+                 "config": ocp.args.JsonSave(to_dict(cfg))}
+        if "opt" in state:  # else params alone: an imported model
+            items["opt"] = ocp.args.StandardSave(state["opt"])
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if dataset is not None:
             items["dataset"] = ocp.args.JsonSave(dataset)
         try:
@@ -195,14 +212,26 @@ class Checkpointer:
     def restore(self, step: int, setup: Setup, data_iter: Any | None) -> State:
         """The full train state on `setup`'s mesh; `data_iter` is advanced in place (None: the data
         position is not restored). Raises CheckpointDamaged or CheckpointMismatch."""
+        if self._params_only(step):  # an imported model: fresh optimizer, data from its start
+            return {"params": self.restore_params(step, setup), "opt": init_state(setup)["opt"]}
         items = {part: self._state_item(step, setup, part) for part in _STATE_ITEMS}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._read(step, items)
         return {"params": restored.params, "opt": restored.opt}
 
-    def restore_params(self, step: int, setup: Setup) -> Any:
-        return self._read(step, {"params": self._state_item(step, setup, "params")}).params
+    def restore_params(self, step: int, setup: Setup, host: bool = False) -> Any:
+        """Params on `setup`'s mesh, or as host numpy arrays (`host`: nothing placed on devices,
+        e.g. to convert them)."""
+        item = self._state_item(step, setup, "params")
+        if host:
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item.item)
+            item = ocp.args.PyTreeRestore(item=item.item, restore_args=as_numpy)
+        return self._read(step, {"params": item}).params
+
+    def _params_only(self, step: int) -> bool:
+        """A checkpoint of params alone: what `jaxlm import` writes."""
+        return not any((self.step_dir(step) / part).exists() for part in ("opt", "data"))
 
     def restore_config_dict(self, step: int) -> dict[str, Any]:
         return self._read(step, {"config": ocp.args.JsonRestore()}).config

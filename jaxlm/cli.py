@@ -1,4 +1,4 @@
-"""`jaxlm train | eval | generate | fill-mask | predict | tokenizer`: argument parsing and the user-error boundary (exit code 2)."""
+"""`jaxlm train | eval | generate | fill-mask | predict | tokenizer | import | export`: argument parsing and the user-error boundary (exit code 2)."""
 
 from __future__ import annotations
 
@@ -197,7 +197,36 @@ def build_parser() -> argparse.ArgumentParser:
     train_tok.add_argument("--max-documents", type=_number(int, AT_LEAST_1), default=100_000,
                            help="train on at most this many documents of the split")
     _add_overrides(train_tok)
+    _add_hf_commands(commands)
     return parser
+
+
+def _add_hf_commands(commands: argparse._SubParsersAction) -> None:
+    imp = commands.add_parser(
+        "import",
+        help="convert a Hugging Face GPT-2 / LLaMA / BERT checkpoint into a jaxlm run directory",
+        description="Read config.json and safetensors (one file or shards with an index) of a "
+        "Hugging Face model directory and write a run directory whose step-0 checkpoint works "
+        "with eval, generate, fill-mask, train (resume) and init_from. Nothing is downloaded.",
+    )
+    imp.add_argument("--hf", type=Path, required=True, help="Hugging Face model directory")
+    imp.add_argument("--out", type=Path, required=True, help="run directory to create")
+    imp.add_argument("--objective", choices=["clm", "mlm"], default=None,
+                     help="default: clm for GPT-2 and LLaMA, mlm for BERT")
+    export = commands.add_parser(
+        "export",
+        help="write a run's checkpoint as a Hugging Face model directory",
+        description="Write config.json, safetensors, generation_config.json and the run's "
+        "tokenizer files, loadable with transformers' AutoModelForCausalLM / "
+        "AutoModelForMaskedLM.from_pretrained(DIR).",
+    )
+    export.add_argument("--run", required=True, metavar="RUN_DIR[@STEP]",
+                        help="run directory, optionally @STEP (default: latest checkpoint)")
+    export.add_argument("--out", type=Path, required=True, help="directory to create")
+    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the written tensors (default: float32)")
+    export.add_argument("--max-shard-mb", type=int, default=5000,
+                        help="split the safetensors into files of at most this size, with an index")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -345,9 +374,30 @@ def _tokenizer(args: argparse.Namespace) -> None:
     print(f"wrote {output}: {tokenizer.vocab_size} pieces ({args.model_type}) from {count} documents")
 
 
+def _import(args: argparse.Namespace) -> None:
+    from jaxlm.hf.importer import import_hf
+
+    cfg = import_hf(args.hf, args.out, args.objective)
+    print(f"wrote {args.out}: {cfg.objective} model, {cfg.model.n_layers} layers, d_model "
+          f"{cfg.model.d_model}, vocab {cfg.model.vocab_size}, tokenizer {cfg.data.tokenizer}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from jaxlm.hf.exporter import export_run
+
+    run_text, _, step_text = args.run.rpartition("@") if "@" in args.run else (args.run, "", "")
+    if step_text and not step_text.isdigit():
+        raise UserError(f"--run '{args.run}' must look like RUN_DIR or RUN_DIR@STEP")
+    if args.max_shard_mb <= 0:
+        raise UserError(f"--max-shard-mb must be positive, got {args.max_shard_mb}")
+    out = export_run(Path(run_text), int(step_text) if step_text else None, args.out, args.dtype,
+                     args.max_shard_mb * 2**20)
+    print(f"wrote {out} ({args.dtype})")
+
+
 def main(argv: list[str] | None = None) -> int:
     commands = {"train": _train, "eval": _eval, "generate": _generate, "fill-mask": _fill_mask,
-                "predict": _predict, "tokenizer": _tokenizer}
+                "predict": _predict, "tokenizer": _tokenizer, "import": _import, "export": _export}
     try:
         args = build_parser().parse_args(argv)
         commands[args.command](args)

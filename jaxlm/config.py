@@ -28,10 +28,25 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 1024
     max_seq_len: int = 1024
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    mlp: Literal["swiglu", "gelu", "gelu_tanh"] = "swiglu"
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    # Architecture switches (the defaults are jaxlm's own LLaMA-like block; see configs/base.yaml).
+    position_embedding: Literal["rope", "learned"] = "rope"
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_scaling_factor: float = 8.0  # llama3: the next three as in Llama 3.1's rope_scaling
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_position: Literal["pre", "post"] = "pre"
+    final_norm: bool = True
+    embed_norm: bool = False
+    bias: bool = False  # biases on the attention and MLP projections
+    n_kv_heads: int | None = None  # None: n_heads (fewer: grouped-query attention)
+    head_dim: int | None = None  # None: d_model / n_heads
+    type_vocab_size: int = 0  # BERT token types; 0: none
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     attention: Literal["xla", "cudnn", "splash"] = "xla"  # unsupported here -> xla, one warning
@@ -124,7 +139,7 @@ class Config:
     name: str = "default"
     objective: Literal["clm", "mlm", "seq2seq_lm", "classify"] = "clm"
     seed: int = 0
-    init_from: str = ""  # RUN_DIR[@STEP]: start from that checkpoint's params (fresh optimizer)
+    init_from: str = ""  # RUN_DIR[@STEP] or hf:DIR: start from those params (fresh optimizer)
     init_heads: Literal["strict", "reinit"] = "strict"  # init_from: heads must match | made fresh
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -303,13 +318,7 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
 def validate(cfg: Config) -> None:
     """Value checks the types alone cannot express."""
     check_config(cfg)
-    if cfg.model.d_model % cfg.model.n_heads:
-        raise UserError(
-            f"model.d_model ({cfg.model.d_model}) must be divisible by model.n_heads "
-            f"({cfg.model.n_heads})"
-        )
-    if (cfg.model.d_model // cfg.model.n_heads) % 2:
-        raise UserError("model.d_model / model.n_heads must be even (RoPE rotates pairs)")
+    _validate_model(cfg.model)
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(
             f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len "
@@ -349,6 +358,32 @@ def _validate_task(cfg: Config) -> None:
                         "classify chooses between an encoder and a decoder")
     if cfg.data.nsp and cfg.objective != "mlm":
         raise UserError("data.nsp (next-sentence prediction) needs objective mlm")
+
+
+def kv_heads(model: ModelConfig) -> int:
+    return model.n_kv_heads or model.n_heads
+
+
+def head_dim(model: ModelConfig) -> int:
+    return model.head_dim or model.d_model // model.n_heads
+
+
+def _validate_model(model: ModelConfig) -> None:
+    """The architecture switches: head layout, RoPE, token types."""
+    if model.head_dim is None and model.d_model % model.n_heads:
+        raise UserError(
+            f"model.d_model ({model.d_model}) must be divisible by model.n_heads "
+            f"({model.n_heads}), or set model.head_dim"
+        )
+    if model.n_heads % kv_heads(model):
+        raise UserError(
+            f"model.n_heads ({model.n_heads}) must be a multiple of model.n_kv_heads "
+            f"({model.n_kv_heads})"
+        )
+    if model.position_embedding == "rope" and head_dim(model) % 2:
+        raise UserError("model.d_model / model.n_heads must be even (RoPE rotates pairs)")
+    if model.rope_scaling == "llama3" and model.rope_high_freq_factor <= model.rope_low_freq_factor:
+        raise UserError("model.rope_scaling llama3 needs rope_high_freq_factor > rope_low_freq_factor")
 
 
 def save_yaml(cfg: Config, path: Path) -> None:

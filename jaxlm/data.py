@@ -229,7 +229,8 @@ def empty_batch(rows: int, seq_len: int, pad_id: int, nsp: bool = False) -> Exam
     names = ("inputs", "targets", "segment_ids", "positions")
     batch = {**{k: ints for k in names}, "weights": np.zeros((rows, seq_len), np.float32)}
     if nsp:
-        batch.update(nsp_targets=np.zeros((rows, seq_len), np.int32),
+        batch.update(token_types=np.zeros((rows, seq_len), np.int32),
+                     nsp_targets=np.zeros((rows, seq_len), np.int32),
                      nsp_weights=np.zeros((rows, seq_len), np.float32))
     return batch
 

@@ -2,11 +2,12 @@
 
 Training FLOPs per token (forward + backward = 3x forward, PaLM appendix B):
 
-    6 * N_matmul + 12 * n_layers * seq_len * d_model
+    6 * N_matmul + 12 * n_layers * seq_len * n_heads * head_dim
 
-N_matmul counts the weights each token meets in a matmul: per layer 4 D^2 (q, k, v, o) plus 3 D F
-(SwiGLU) or 2 D F (GELU), and the V x D output head (tied or not; the embedding lookup is no
-matmul). The second term is attention: QK^T and AV cost 2 * L * D FLOPs each per token forward.
+N_matmul counts the weights each token meets in a matmul: per layer 2 D H K (q, o) plus 2 D G K
+(k, v; G kv heads), 3 D F (SwiGLU) or 2 D F (GELU), and the V x D output head (tied or not; the
+embedding lookup is no matmul). The second term is attention: QK^T and AV cost 2 * L * H K FLOPs
+each per token forward (H K = D unless head_dim is set).
 The full L x L score matrix is counted, the causally masked half included, because the XLA
 attention computes it (the PaLM convention; a kernel that skips masked blocks does half). Norms,
 RoPE, softmax and the loss are not counted, nor is recomputation under `train.remat` (model FLOPs,
@@ -21,7 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, head_dim, kv_heads
 
 # Dense peak FLOP/s per device, matched by substring of `jax.devices()[0].device_kind` (first
 # match wins): (device kind, bf16/fp16, fp32 at jax's default matmul precision). On NVIDIA GPUs
@@ -43,13 +44,15 @@ PEAK_FLOPS = (
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights used in a matmul per token: block kernels and the output head."""
     d, f = cfg.d_model, cfg.d_ff
+    q_and_o, k_and_v = 2 * d * cfg.n_heads * head_dim(cfg), 2 * d * kv_heads(cfg) * head_dim(cfg)
     mlp = (3 if cfg.mlp == "swiglu" else 2) * d * f
-    return cfg.n_layers * (4 * d * d + mlp) + cfg.vocab_size * d
+    return cfg.n_layers * (q_and_o + k_and_v + mlp) + cfg.vocab_size * d
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training (forward + backward) model FLOPs per token; see the module docstring."""
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * seq_len * cfg.d_model
+    attention_width = cfg.n_heads * head_dim(cfg)
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * seq_len * attention_width
 
 
 def table_peak(device_kind: str, dtype: str) -> float | None:

@@ -77,10 +77,11 @@ def forward(model: Transformer, batch: dict[str, Array], objective: str,
     `dropout_key` (training steps only) turns model.dropout on."""
     if objective == "classify":
         hidden_BxLxD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"],
-                                    dropout_key)
+                                    batch.get("token_types"), dropout_key)
         head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, HEAD_DROP)
         return model.task_head(hidden_BxLxD, head_key)
-    return model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
+    return model(batch["inputs"], batch["segment_ids"], batch["positions"], batch.get("token_types"),
+                 dropout_key)
 
 
 def objective_sums(model: Transformer, batch: dict[str, Array], cfg: Config,
@@ -94,11 +95,12 @@ def objective_sums(model: Transformer, batch: dict[str, Array], cfg: Config,
         logits_BxLxV = forward(model, batch, cfg.objective, dropout_key)
         sums = weighted_sums(logits_BxLxV, batch)
         return sums["loss_sum"], sums, logits_BxLxV
-    x_BxLxD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key,
-                           normed=False)
+    x_BxLxD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"],
+                           batch["token_types"], dropout_key, normed=False)
     logits_BxLxV = model.head(x_BxLxD)
     head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, HEAD_DROP)
-    nsp_logits_BxLx2 = model.task_head(model.final_norm(x_BxLxD), head_key)
+    normed_BxLxD = x_BxLxD if model.final_norm is None else model.final_norm(x_BxLxD)
+    nsp_logits_BxLx2 = model.task_head(normed_BxLxD, head_key)
     sums = weighted_sums(logits_BxLxV, batch)
     nsp = weighted_sums(nsp_logits_BxLx2, {"targets": batch["nsp_targets"],
                                            "weights": batch["nsp_weights"]})

@@ -17,7 +17,7 @@ from jaxlm.errors import UserError
 from jaxlm.heads import HEAD_NAMES
 from jaxlm.run import RunDir, read_only_checkpointer, saved_config
 from jaxlm.state import Setup, init_state, make_setup
-from jaxlm.tokenizer import tokenizer_files
+from jaxlm.tokenizer import HF_PREFIX, tokenizer_files
 
 
 def params_from(spec: str, setup: Setup, fresh: Any | None = None) -> Any:
@@ -25,8 +25,12 @@ def params_from(spec: str, setup: Setup, fresh: Any | None = None) -> Any:
     initialized params, whose heads `init_heads: reinit` keeps; None: initialized here).
 
     Every parameter compared must exist in both models with the same shape; the first that does
-    not is named in the error.
+    not is named in the error. `hf:DIR` reads a Hugging Face checkpoint instead.
     """
+    if spec.startswith(HF_PREFIX):
+        from jaxlm.hf.importer import params_from_hf
+
+        return params_from_hf(Path(spec[len(HF_PREFIX):]).expanduser(), setup)
     run_text, _, step_text = spec.rpartition("@") if "@" in spec else (spec, "", "")
     if step_text and not step_text.isdigit():
         raise UserError(f"init_from '{spec}' must look like RUN_DIR or RUN_DIR@STEP")

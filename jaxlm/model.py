@@ -1,6 +1,8 @@
-"""Transformer backbone in Flax NNX: pre-norm blocks, RoPE attention, stacked layers run by scan.
+"""Transformer backbone in Flax NNX: one block whose switches (ModelConfig) give jaxlm's own
+LLaMA-like decoder, GPT-2 or BERT; stacked layers run by scan.
 
-Shape legend: B batch, L sequence, D d_model, H heads, K head dim, F mlp hidden, V vocab, N layers.
+Shape legend: B batch, L sequence, D d_model, H heads (G kv heads), K head dim, F mlp hidden,
+V vocab, N layers.
 Logical axis names used on params: embed, mlp, heads, kv, vocab, layers (mapped to the mesh in
 config). Variables are created without eager sharding: `jaxlm.sharding` turns the names into
 NamedShardings and `jit(init, out_shardings=...)` places them, so nothing is materialised unsharded.
@@ -9,14 +11,16 @@ NamedShardings and `jit(init, out_shardings=...)` places them, so nothing is mat
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm.attention import dot_product_attention, dropout_attention
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, head_dim, kv_heads
 from jaxlm.sharding import constrain
 
 Array = jax.Array
@@ -49,7 +53,8 @@ EMBED_DROP, ATTN_DROP, ATTN_OUT_DROP, MLP_OUT_DROP, LAYER_KEYS = range(5)
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer at every slot, stacked like the scanned block params."""
+    """Keys and values of every layer at every slot, stacked like the scanned block params
+    (only the G kv heads are cached: H is G here)."""
 
     k_NxBxSxHxK: jax.Array
     v_NxBxSxHxK: jax.Array
@@ -62,10 +67,26 @@ def _dense_init(std: float, names: tuple[str, ...]) -> dict:
     }
 
 
-def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
+def rope_frequencies(cfg: ModelConfig) -> tuple[float, ...]:
+    """Per rotated pair: theta^(-i/half), with Llama 3.1's long-context rescaling if asked
+    (low frequencies divided by the factor, a smooth ramp between low and high)."""
+    dim = head_dim(cfg)
+    freqs_h = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    if cfg.rope_scaling == "llama3":
+        wavelen_h = 2 * math.pi / freqs_h
+        old = cfg.rope_original_max_seq_len
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        scaled_h = np.where(wavelen_h > old / low, freqs_h / cfg.rope_scaling_factor, freqs_h)
+        smooth_h = (old / wavelen_h - low) / (high - low)
+        smoothed_h = (1 - smooth_h) * scaled_h / cfg.rope_scaling_factor + smooth_h * scaled_h
+        medium_h = (wavelen_h >= old / high) & (wavelen_h <= old / low)
+        freqs_h = np.where(medium_h, smoothed_h, scaled_h)
+    return tuple(float(f) for f in np.asarray(freqs_h, np.float32))
+
+
+def rope(x_BxLxHxK: Array, positions_BxL: Array, freqs: tuple[float, ...]) -> Array:
     """Rotary position embedding; positions restart per packed document."""
-    half = x_BxLxHxK.shape[-1] // 2
-    freqs_h = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    freqs_h = jnp.asarray(freqs, jnp.float32)
     angles_BxLxh = positions_BxL[..., None].astype(jnp.float32) * freqs_h
     sin, cos = jnp.sin(angles_BxLxh)[:, :, None, :], jnp.cos(angles_BxLxh)[:, :, None, :]
     x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
@@ -78,25 +99,41 @@ def gelu_exact(x: Array) -> Array:
     return 0.5 * x * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))
 
 
+def activation(cfg: ModelConfig) -> Callable[[Array], Array]:
+    """The GELU of the MLP (and of BERT's MLM transform): exact, or GPT-2's tanh form."""
+    return partial(jax.nn.gelu, approximate=True) if cfg.mlp == "gelu_tanh" else gelu_exact
+
+
+def _bias(cfg: ModelConfig, shape: tuple[int, ...], names: tuple[str, ...]) -> dict:
+    """Einsum arguments for an optional bias (`model.bias`)."""
+    return {"bias_shape": shape if cfg.bias else None, "bias_metadata": {"out_sharding": names}}
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, h, k = cfg.d_model, cfg.n_heads, cfg.d_model // cfg.n_heads
+        d, h, g, k = cfg.d_model, cfg.n_heads, kv_heads(cfg), head_dim(cfg)
         common = {"dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
         qkv = _dense_init(0.02, ("embed", "heads", "kv"))
-        self.q = nnx.Einsum("BLD,DHK->BLHK", (d, h, k), **qkv, **common)
-        self.k = nnx.Einsum("BLD,DHK->BLHK", (d, h, k), **qkv, **common)
-        self.v = nnx.Einsum("BLD,DHK->BLHK", (d, h, k), **qkv, **common)
+        self.q = nnx.Einsum("BLD,DHK->BLHK", (d, h, k), **_bias(cfg, (h, k), ("heads", "kv")),
+                            **qkv, **common)
+        self.k = nnx.Einsum("BLD,DGK->BLGK", (d, g, k), **_bias(cfg, (g, k), ("heads", "kv")),
+                            **qkv, **common)
+        self.v = nnx.Einsum("BLD,DGK->BLGK", (d, g, k), **_bias(cfg, (g, k), ("heads", "kv")),
+                            **qkv, **common)
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
         self.o = nnx.Einsum(
-            "BLHK,HKD->BLD", (h, k, d), **_dense_init(out_std, ("heads", "kv", "embed")), **common
+            "BLHK,HKD->BLD", (h, k, d), **_bias(cfg, (d,), ("embed",)),
+            **_dense_init(out_std, ("heads", "kv", "embed")), **common
         )
-        self.rope_theta = cfg.rope_theta
+        self.rope_freqs = rope_frequencies(cfg) if cfg.position_embedding == "rope" else None
         self.implementation = cfg.attention
 
     def _qkv(self, x_BxLxD: Array, positions_BxL: Array) -> tuple[Array, Array, Array]:
-        q_BxLxHxK = rope(self.q(x_BxLxD), positions_BxL, self.rope_theta)
-        k_BxLxHxK = rope(self.k(x_BxLxD), positions_BxL, self.rope_theta)
-        return q_BxLxHxK, k_BxLxHxK, self.v(x_BxLxD)
+        q_BxLxHxK, k_BxLxGxK = self.q(x_BxLxD), self.k(x_BxLxD)
+        if self.rope_freqs is not None:
+            q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_freqs)
+            k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_freqs)
+        return q_BxLxHxK, k_BxLxGxK, self.v(x_BxLxD)
 
     def __call__(
         self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array, causal: bool,
@@ -137,58 +174,74 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
-        common = {"dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
-        wi = _dense_init(0.02, ("embed", "mlp"))
-        self.up = nnx.Linear(d, f, use_bias=False, **wi, **common)
-        self.gate = nnx.Linear(d, f, use_bias=False, **wi, **common) if cfg.mlp == "swiglu" else None
+        common = {"dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype, "rngs": rngs,
+                  "use_bias": cfg.bias}
+        wi = _dense_init(0.02, ("embed", "mlp")) | {"bias_metadata": {"out_sharding": ("mlp",)}}
+        self.up = nnx.Linear(d, f, **wi, **common)
+        self.gate = nnx.Linear(d, f, **wi, **common) if cfg.mlp == "swiglu" else None
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
-        self.down = nnx.Linear(f, d, use_bias=False, **_dense_init(out_std, ("mlp", "embed")), **common)
+        wo = _dense_init(out_std, ("mlp", "embed"))
+        wo["bias_metadata"] = {"out_sharding": ("embed",)}
+        self.down = nnx.Linear(f, d, **wo, **common)
+        self.activation = activation(cfg)
 
     def __call__(self, x_BxLxD: Array) -> Array:
         if self.gate is None:
-            h_BxLxF = gelu_exact(self.up(x_BxLxD))
+            h_BxLxF = self.activation(self.up(x_BxLxD))
         else:
             h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
         return self.down(h_BxLxF)
 
 
-def _rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
-    return nnx.RMSNorm(
-        cfg.d_model,
-        epsilon=cfg.norm_eps,
-        dtype=cfg.compute_dtype,
-        param_dtype=cfg.param_dtype,
-        scale_metadata={"out_sharding": ("embed",)},
-        rngs=rngs,
-    )
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm | nnx.LayerNorm:
+    """`model.norm`: RMSNorm (scale only) or LayerNorm (scale and bias, two-pass variance)."""
+    common = {"epsilon": cfg.norm_eps, "dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype,
+              "scale_metadata": {"out_sharding": ("embed",)}, "rngs": rngs}
+    if cfg.norm == "layernorm":
+        return nnx.LayerNorm(cfg.d_model, use_fast_variance=False,
+                             bias_metadata={"out_sharding": ("embed",)}, **common)
+    return nnx.RMSNorm(cfg.d_model, **common)
 
 
 class Block(nnx.Module):
+    """Attention and MLP sublayers with residuals; each norm normalises its sublayer's input
+    (pre-norm) or the residual sum after it (post-norm, BERT)."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = _rms_norm(cfg, rngs)
+        self.attn_norm = _norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = _rms_norm(cfg, rngs)
+        self.mlp_norm = _norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
+        self.post_norm = cfg.norm_position == "post"
 
     def __call__(
         self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array, causal: bool,
         drop: Dropout | None = None,
     ) -> Array:
-        attn_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, causal, drop)
-        if drop is not None:
-            x_BxLxD = x_BxLxD + drop(attn_BxLxD, ATTN_OUT_DROP)
-            return x_BxLxD + drop(self.mlp(self.mlp_norm(x_BxLxD)), MLP_OUT_DROP)
-        return self._mlp_residual(x_BxLxD + attn_BxLxD)
+        attend = lambda h_BxLxD: (
+            self.attn(h_BxLxD, positions_BxL, segment_ids_BxL, causal, drop), None)
+        return self._residuals(x_BxLxD, attend, drop)[0]
 
     def cached(
         self, x_BxTxD: Array, positions_BxT: Array, cache: KVCache, layer: Array
     ) -> tuple[Array, KVCache]:
         """The block for generation: attention reads and updates `layer` of the KV cache."""
-        attn_BxTxD, cache = self.attn.cached(self.attn_norm(x_BxTxD), positions_BxT, cache, layer)
-        return self._mlp_residual(x_BxTxD + attn_BxTxD), cache
+        return self._residuals(
+            x_BxTxD, lambda h_BxTxD: self.attn.cached(h_BxTxD, positions_BxT, cache, layer)
+        )
 
-    def _mlp_residual(self, x_BxLxD: Array) -> Array:
-        return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    def _residuals(
+        self, x_BxLxD: Array, attend: Callable[[Array], tuple[Array, Any]],
+        drop: Dropout | None = None,
+    ) -> tuple[Array, Any]:
+        branch = (lambda y, salt: y) if drop is None else drop  # dropout on each residual branch
+        if self.post_norm:
+            attn_BxLxD, cache = attend(x_BxLxD)
+            x_BxLxD = self.attn_norm(x_BxLxD + branch(attn_BxLxD, ATTN_OUT_DROP))
+            return self.mlp_norm(x_BxLxD + branch(self.mlp(x_BxLxD), MLP_OUT_DROP)), cache
+        attn_BxLxD, cache = attend(self.attn_norm(x_BxLxD))
+        x_BxLxD = x_BxLxD + branch(attn_BxLxD, ATTN_OUT_DROP)
+        return x_BxLxD + branch(self.mlp(self.mlp_norm(x_BxLxD)), MLP_OUT_DROP), cache
 
 
 class Transformer(nnx.Module):
@@ -211,8 +264,13 @@ class Transformer(nnx.Module):
                 embedding_metadata={"out_sharding": ("vocab", "embed")},
                 rngs=rngs,
             )
+            learned = cfg.position_embedding == "learned"
+            self.pos_embed = _table(cfg.max_seq_len, cfg, rngs) if learned else None
+            types = cfg.type_vocab_size
+            self.type_embed = _table(types, cfg, rngs) if types else None
+            self.embed_norm = _norm(cfg, rngs) if cfg.embed_norm else None
             self.blocks = _stacked_blocks(cfg, rngs)
-            self.final_norm = _rms_norm(cfg, rngs)
+            self.final_norm = _norm(cfg, rngs) if cfg.final_norm else None
             self.lm_head = (
                 None
                 if cfg.tie_embeddings
@@ -228,28 +286,44 @@ class Transformer(nnx.Module):
             )
             self.mlm_head = None if causal else MlmHead(cfg, rngs=rngs)
 
-    def __call__(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array,
-                 dropout_key: Array | None = None) -> Array:
-        """`dropout_key` (training only) turns on model.dropout; None or rate 0: no dropout."""
-        return self.from_embeddings(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL,
-                                    dropout_key)
+    def __call__(
+        self,
+        tokens_BxL: Array,
+        segment_ids_BxL: Array,
+        positions_BxL: Array,
+        token_types_BxL: Array | None = None,
+        dropout_key: Array | None = None,
+    ) -> Array:
+        """Logits; `token_types` (BERT's segment A/B) default to type 0 where the model has any;
+        `dropout_key` (training steps only) turns model.dropout on."""
+        return self.from_embeddings(
+            self.embed(tokens_BxL), segment_ids_BxL, positions_BxL, token_types_BxL, dropout_key
+        )
 
     def from_embeddings(
-        self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array,
+        self,
+        x_BxLxD: Array,
+        segment_ids_BxL: Array,
+        positions_BxL: Array,
+        token_types_BxL: Array | None = None,
         dropout_key: Array | None = None,
     ) -> Array:
         """The network after the token lookup (a seam for gradients w.r.t. input positions)."""
-        return self.head(self._layers(x_BxLxD, segment_ids_BxL, positions_BxL, dropout_key))
+        return self.head(
+            self._layers(x_BxLxD, segment_ids_BxL, positions_BxL, token_types_BxL, dropout_key))
 
     def hidden(self, tokens_BxL: Array, segment_ids_BxL: Array, positions_BxL: Array,
-               dropout_key: Array | None = None, normed: bool = True) -> Array:
-        """Final-normed hidden states of the last block: what task heads read (`normed` False:
-        before the final norm, for `head` to read too)."""
-        x_BxLxD = self._layers(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL, dropout_key)
-        return self.final_norm(x_BxLxD) if normed else x_BxLxD
+               token_types_BxL: Array | None = None, dropout_key: Array | None = None,
+               normed: bool = True) -> Array:
+        """Hidden states of the last block after the final norm (where the model has one): what
+        task heads read (`normed` False: before it, for `head` to read too)."""
+        x_BxLxD = self._layers(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL,
+                               token_types_BxL, dropout_key)
+        return self.final_norm(x_BxLxD) if normed and self.final_norm is not None else x_BxLxD
 
     def _layers(self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array,
-                dropout_key: Array | None = None) -> Array:
+                token_types_BxL: Array | None, dropout_key: Array | None) -> Array:
+        x_BxLxD = self._add_embeddings(x_BxLxD, positions_BxL, token_types_BxL)
         if dropout_key is not None and self.dropout > 0:
             return self._layers_with_dropout(x_BxLxD, segment_ids_BxL, positions_BxL, dropout_key)
         x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
@@ -280,7 +354,8 @@ class Transformer(nnx.Module):
 
         if self.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        keys = jax.random.split(jax.random.fold_in(key, LAYER_KEYS), self.blocks.attn.k.kernel.shape[0])
+        n_layers = self.blocks.attn.k.kernel.shape[0]
+        keys = jax.random.split(jax.random.fold_in(key, LAYER_KEYS), n_layers)
         x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (block_state, keys))
         return x_BxLxD
 
@@ -301,10 +376,23 @@ class Transformer(nnx.Module):
             return block.cached(x_BxTxD, positions_BxT, cache, index), None
 
         n_layers = cache.k_NxBxSxHxK.shape[0]
-        (x_BxTxD, cache), _ = jax.lax.scan(
-            layer, (self.embed(tokens_BxT), cache), (block_state, jnp.arange(n_layers))
-        )
+        x_BxTxD = self._add_embeddings(self.embed(tokens_BxT), positions_BxT, None)
+        xs = (block_state, jnp.arange(n_layers))
+        (x_BxTxD, cache), _ = jax.lax.scan(layer, (x_BxTxD, cache), xs)
         return x_BxTxD, cache
+
+    def _add_embeddings(
+        self, x_BxLxD: Array, positions_BxL: Array, token_types_BxL: Array | None
+    ) -> Array:
+        """Token embeddings plus learned positions and token types, then the embedding norm
+        (each where the model has one)."""
+        if self.pos_embed is not None:
+            x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
+        if self.type_embed is not None:
+            if token_types_BxL is None:
+                token_types_BxL = jnp.zeros_like(positions_BxL)
+            x_BxLxD = x_BxLxD + self.type_embed(token_types_BxL)
+        return x_BxLxD if self.embed_norm is None else self.embed_norm(x_BxLxD)
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty cache of `length` slots per row, in the compute dtype."""
@@ -314,7 +402,8 @@ class Transformer(nnx.Module):
 
     def head(self, x_BxLxD: Array) -> Array:
         """Last block's output -> fp32 logits."""
-        x_BxLxD = self.final_norm(x_BxLxD)
+        if self.final_norm is not None:
+            x_BxLxD = self.final_norm(x_BxLxD)
         if self.mlm_head is not None:
             x_BxLxD = self.mlm_head(x_BxLxD)
         decoder_VxD = self.embed.embedding[...] if self.lm_head is None else self.lm_head.kernel[...].T
@@ -340,13 +429,21 @@ class MlmHead(nnx.Module):
             bias_metadata={"out_sharding": (None,)},
             rngs=rngs,
         )
-        self.norm = _rms_norm(cfg, rngs)
+        self.norm = _norm(cfg, rngs)
         self.bias = nnx.Param(
             jnp.zeros((cfg.vocab_size,), cfg.param_dtype), out_sharding=("vocab",)
         )
+        self.activation = activation(cfg)
 
     def __call__(self, x_BxLxD: Array) -> Array:
-        return self.norm(gelu_exact(self.dense(x_BxLxD)))
+        return self.norm(self.activation(self.dense(x_BxLxD)))
+
+
+def _table(rows: int, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Embed:
+    """Learned positions or token types: `rows` vectors added to the token embeddings."""
+    return nnx.Embed(rows, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+                     embedding_init=nnx.initializers.normal(0.02),
+                     embedding_metadata={"out_sharding": (None, "embed")}, rngs=rngs)
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:

@@ -2,7 +2,8 @@
 
 Each packed row of text becomes a pair `[cls] A [sep] B [sep]`: A is the first half of the row's
 text, B its true continuation half of the time, else a span of a random document. The pair is
-then masked like any MLM row. The coin and the random document are drawn from the same kind of
+then masked like any MLM row; `token_types` mark A (0) and B (1) for a model with
+`model.type_vocab_size: 2`. The coin and the random document are drawn from the same kind of
 seed as the masks (run seed, stream, example index), so a resumed run sees the same pairs. The
 label (1: B follows A) sits at `[cls]` in `nsp_targets`/`nsp_weights`, read by the pooled head.
 Shape legend: L sequence.
@@ -39,7 +40,9 @@ def pair_row(tokens_L: np.ndarray, segment_ids_L: np.ndarray, rng: np.random.Gen
         second = _random_span(source, tokenizer, rng, max(len(second), 1))
     pair = np.concatenate([[tokenizer.cls_id], first, [tokenizer.sep_id], second, [tokenizer.sep_id]])
     real = len(pair)
+    token_types_L = (np.arange(length) >= len(first) + 2) & (np.arange(length) < real)
     row = {
+        "token_types": token_types_L.astype(np.int32),  # A (with [cls] and its [sep]) 0, B 1
         "tokens": np.pad(pair, (0, length - real), constant_values=padding_id(tokenizer)).astype(np.int32),
         "tokens_segment_ids": (np.arange(length) < real).astype(np.int32),
         "tokens_positions": np.where(np.arange(length) < real, np.arange(length), 0).astype(np.int32),
@@ -60,6 +63,7 @@ def nsp_example_fn(seed: int, mask_rate: float, source: Any, tokenizer: Tokenize
         nsp_targets_L = np.zeros(len(row["tokens"]), np.int32)
         nsp_weights_L = np.zeros(len(row["tokens"]), np.float32)
         nsp_targets_L[0], nsp_weights_L[0] = int(is_next), 1.0
-        return {**example, "nsp_targets": nsp_targets_L, "nsp_weights": nsp_weights_L}
+        return {**example, "token_types": row["token_types"], "nsp_targets": nsp_targets_L,
+                "nsp_weights": nsp_weights_L}
 
     return nsp_example

@@ -59,6 +59,13 @@ CONFIG_RANGES: dict[str, Range] = {
     "model.norm_eps": POSITIVE,
     "model.dropout": Range(0, 1, open_high=True),
     "model.num_labels": Range(2),  # classify: a classifier of one class learns nothing
+    "model.rope_scaling_factor": POSITIVE,
+    "model.rope_low_freq_factor": POSITIVE,
+    "model.rope_high_freq_factor": POSITIVE,
+    "model.rope_original_max_seq_len": AT_LEAST_1,
+    "model.n_kv_heads": AT_LEAST_1,  # null: n_heads
+    "model.head_dim": AT_LEAST_1,  # null: d_model / n_heads
+    "model.type_vocab_size": AT_LEAST_0,  # 0: no token types
     "data.validation_percent": Range(0, 100, open_high=True),  # 100 would leave no training data
     "data.seq_len": AT_LEAST_1,
     "data.mask_rate": Range(0, 1, open_low=True, open_high=True),

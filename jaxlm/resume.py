@@ -106,12 +106,12 @@ def initial_state(
     dataset: dict[str, Any] | None,
     force: bool,
     log: Log,
-) -> tuple[int, State, Iterator]:
-    """(step, state, data iterator) to train from: the newest checkpoint that restores, else a
-    fresh state (from `init_from` if set), with earlier metrics kept aside."""
+) -> tuple[int, State, Iterator, bool]:
+    """(step, state, data iterator, resumed) to train from: the newest checkpoint that restores
+    (resumed), else a fresh state (from `init_from` if set), with earlier metrics kept aside."""
     for step in sorted(checkpointer.all_steps(), reverse=True):
         try:
-            return step, *_resume(checkpointer, step, setup, new_iterator, dataset, force, log)
+            return step, *_resume(checkpointer, step, setup, new_iterator, dataset, force, log), True
         except CheckpointDamaged as err:
             _set_aside(checkpointer, run, step, str(err), log)
         except (UserError, TrainingStopped):
@@ -126,7 +126,7 @@ def initial_state(
     state = init_state(setup)
     if setup.cfg.init_from:
         state["params"] = params_from(setup.cfg.init_from, setup, state["params"])
-    return 0, state, new_iterator()
+    return 0, state, new_iterator(), False
 
 
 def _resume(checkpointer: Checkpointer, step: int, setup: Setup, new_iterator: Callable[[], Iterator],

@@ -284,10 +284,12 @@ def load_run(
     overrides: list[str] = (),
     devices: list[jax.Device] | None = None,
     log: Log = warn,
+    host: bool = False,
 ) -> tuple[Config, Setup, Any, int]:
     """Config, setup and params of a run's checkpoint (default: the newest readable one, with a
     warning for each unreadable one skipped; nothing is moved), laid out data-parallel on
-    `devices` (default: all), since the run's own mesh may not fit here."""
+    `devices` (default: all), since the run's own mesh may not fit here (`host`: as numpy arrays,
+    placed on no device)."""
     run = RunDir(Path(run_dir))
     checkpointer = read_only_checkpointer(run)
     steps = sorted(checkpointer.all_steps(), reverse=True)
@@ -298,7 +300,7 @@ def load_run(
             try:
                 cfg = saved_config(checkpointer, run, candidate, overrides)
                 setup = make_setup(cfg, devices)
-                return cfg, setup, checkpointer.restore_params(candidate, setup), candidate
+                return cfg, setup, checkpointer.restore_params(candidate, setup, host), candidate
             except CheckpointDamaged as err:
                 if step is not None:
                     raise UserError(f"checkpoint {step} in {run.checkpoints} is unreadable ({err}); "

@@ -111,11 +111,11 @@ def _start(cfg: Config, run: RunDir, devices: list[jax.Device] | None, force_res
     cleanup.callback(checkpointer.close)  # waits for the last async save
     dataset = dataset_manifest(cfg.data, cfg.objective)
     log = warn if is_main else (lambda message: None)
-    start, state, train_iter = initial_state(run, checkpointer, setup, new_iterator, dataset,
+    start, state, train_iter, resumed = initial_state(run, checkpointer, setup, new_iterator, dataset,
                                              force_resume, log)
     cleanup.callback(train_iter.close)  # stops the prefetch thread and grain's worker processes
-    if is_main and (start or cfg.init_from):
-        print(f"resuming from step {start} in {checkpointer.directory}" if start
+    if is_main and (resumed or cfg.init_from):
+        print(f"resuming from step {start} in {checkpointer.directory}" if resumed
               else f"initialized params from {cfg.init_from}", flush=True)
     return _Job(cfg=cfg, setup=setup, evaluator=evaluator, checkpointer=checkpointer,
                 dataset=dataset, start=start, state=state, train_iter=train_iter)

@@ -24,7 +24,7 @@ POSITIONS = jnp.concatenate([jnp.arange(10), jnp.arange(6)])[None].repeat(2, 0)
 def _logits(rate, key, causal=True):
     model = Transformer(dataclasses.replace(CFG, dropout=rate), causal=causal, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda s, k: nnx.merge(graphdef, s)(TOKENS, SEGMENTS, POSITIONS, k))
+    run = jax.jit(lambda s, k: nnx.merge(graphdef, s)(TOKENS, SEGMENTS, POSITIONS, dropout_key=k))
     return np.asarray(run(state, key))
 
 

@@ -22,3 +22,15 @@ def test_dry_run_reports_sharded_memory_without_data(tiny_cfg, capsys, tmp_path)
     assert fsdp["params_bytes_per_device"] < replicated["params_bytes_per_device"] / 6
     assert fsdp["optimizer_bytes_per_device"] < replicated["optimizer_bytes_per_device"] / 6
     assert fsdp["compiled_temp_bytes"] > 0
+
+
+def test_dry_run_of_a_gqa_bert_style_model_on_fsdp_and_tensor(tiny_cfg, capsys):
+    model = dataclasses.replace(
+        tiny_cfg.model, n_heads=4, n_kv_heads=2, position_embedding="learned", norm="layernorm",
+        norm_position="post", final_norm=False, embed_norm=True, bias=True, type_vocab_size=2)
+    cfg = dataclasses.replace(tiny_cfg, objective="mlm", model=model,
+                              mesh=MeshConfig(axes={"data": 2, "fsdp": 2, "tensor": 2}))
+    report = dry_run(resolve(cfg, ByteTokenizer()))
+    out = capsys.readouterr().out
+    assert "blocks.attn.k.bias" in out and "type_embed.embedding" in out
+    assert report["compiled_temp_bytes"] > 0

@@ -18,10 +18,12 @@ def test_flops_per_token_of_a_tiny_model_by_hand():
     assert matmul_params(TINY) - matmul_params(gelu) == 2 * 32 * 64
 
 
-@pytest.mark.parametrize("mlp, tied", [("swiglu", True), ("gelu", False)])
-def test_matmul_params_are_the_models_weights_less_norms(mlp, tied):
+@pytest.mark.parametrize("mlp, tied, heads", [
+    ("swiglu", True, {}), ("gelu", False, {}), ("swiglu", True, {"n_kv_heads": 1, "head_dim": 8}),
+])
+def test_matmul_params_are_the_models_weights_less_norms(mlp, tied, heads):
     cfg = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=2, d_ff=64, mlp=mlp,
-                      tie_embeddings=tied)
+                      tie_embeddings=tied, **heads)
     model = nnx.eval_shape(lambda: Transformer(cfg, causal=True, rngs=nnx.Rngs(0)))
     weights = {jax.tree_util.keystr(path): leaf.size
                for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))}

@@ -116,3 +116,20 @@ def test_generate_starts_at_the_hf_bos_and_stops_at_the_hf_eos(model_setup, hf_g
     assert len(stopped) <= 2 and stopped == first[: len(stopped)]
     text = generate(setup, params, tokenizer, "def f(x):", max_new_tokens=20, **kwargs)
     assert text == tokenizer.decode(stopped)
+
+
+@pytest.mark.parametrize("switches", [
+    dict(n_kv_heads=1, head_dim=8),  # grouped-query: the cache holds the one kv head
+    dict(position_embedding="learned", norm="layernorm", bias=True, mlp="gelu_tanh"),
+])
+def test_cached_greedy_equals_a_full_forward_for_other_architectures(switches):
+    model = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                        max_seq_len=WINDOW, **switches)
+    setup = make_setup(Config(model=model), jax.devices()[:1])
+    params = init_state(setup)["params"]
+    banned_V = banned_tokens(model.vocab_size, ByteTokenizer())
+    greedy = make_sampler(setup, banned_V, temperature=0.0, top_k=0, top_p=1.0)
+    cached = sample_ids(greedy, params, CONTEXTS, max_new_tokens=12, seed=0,
+                        eos_id=ByteTokenizer.eos_id)
+    for context, ids in zip(CONTEXTS, cached):
+        assert ids == _greedy_reference(setup, params, banned_V, context, 12)[0]

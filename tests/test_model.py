@@ -154,3 +154,79 @@ def test_remat_policies_recompute_but_give_the_same_gradients():
         assert "remat" in jaxpr  # the jax.checkpoint primitive
         same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
         jax.tree.map(same, grads, reference)
+
+
+def _hf_param_count(name):
+    """Unique parameters of a full-size transformers model, built on the meta device."""
+    import torch
+    import transformers
+
+    configs = {
+        "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config()),
+        "bert_mlm": lambda: transformers.BertForMaskedLM(transformers.BertConfig()),
+        "bert_backbone": lambda: transformers.BertModel(transformers.BertConfig(),
+                                                        add_pooling_layer=False),
+        "llama_1b": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+            num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)),
+    }
+    with torch.device("meta"):
+        return sum(p.numel() for p in configs[name]().parameters())
+
+
+@pytest.mark.parametrize("config, objective, hf_model, published", [
+    ("gpt2_124m.yaml", "clm", "gpt2", 124_439_808),
+    ("llama_1b.yaml", "clm", "llama_1b", 1_235_814_400),
+    ("bert_base.yaml", "mlm", "bert_mlm", None),
+    ("bert_base.yaml", "clm", "bert_backbone", None),  # no MLM head: BertModel without pooler
+])
+def test_exact_configs_have_the_hf_parameter_count(config, objective, hf_model, published):
+    from conftest import REPO
+
+    from jaxlm.config import load_config
+
+    cfg = load_config(REPO / "configs" / config)
+    model = nnx.eval_shape(lambda: Transformer(cfg.model, causal=objective == "clm", rngs=nnx.Rngs(0)))
+    assert count_params(model) == _hf_param_count(hf_model)
+    if published:
+        assert count_params(model) == published
+
+
+VARIANTS = {
+    "gpt2": dict(position_embedding="learned", norm="layernorm", bias=True, mlp="gelu_tanh"),
+    "llama_gqa": dict(n_kv_heads=2, head_dim=16, rope_scaling="llama3", rope_scaling_factor=4.0,
+                      rope_original_max_seq_len=16),
+    "bert_post_norm": dict(position_embedding="learned", norm="layernorm", norm_position="post",
+                           final_norm=False, embed_norm=True, bias=True, mlp="gelu",
+                           type_vocab_size=2),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_architecture_switches_keep_packed_documents_apart(variant):
+    model = _model(**VARIANTS[variant])  # learned positions restart per document like RoPE's
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(4, 50, n) for n in (9, 14, 5)]
+    packed = _loss_sum(model, _clm_batch(docs, 32))
+    alone = [_loss_sum(model, _clm_batch([d], 32)) for d in docs]
+    np.testing.assert_allclose(packed["loss_sum"], sum(a["loss_sum"] for a in alone), rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_architecture_switches_keep_the_causal_mask(variant):
+    model = _model(**VARIANTS[variant])
+    x = jax.random.normal(jax.random.key(1), (1, 16, CFG.d_model))
+    grad_LxD = _position_grad(model, x, 5)
+    assert np.all(np.asarray(grad_LxD[6:]) == 0.0)
+    assert np.all(np.abs(np.asarray(grad_LxD[:6])).sum(-1) > 0)
+
+
+def test_gqa_shares_kv_heads_and_token_types_change_the_output():
+    model = _model(n_kv_heads=2, type_vocab_size=2)
+    assert model.blocks.attn.k.kernel.shape == (2, 32, 2, 8)
+    assert model.blocks.attn.q.kernel.shape == (2, 32, 4, 8)
+    tokens = jnp.arange(8)[None] + 4
+    ones, positions = jnp.ones_like(tokens), jnp.arange(8)[None]
+    np.testing.assert_array_equal(model(tokens, ones, positions),
+                                  model(tokens, ones, positions, jnp.zeros_like(tokens)))
+    assert not np.allclose(model(tokens, ones, positions), model(tokens, ones, positions, ones))

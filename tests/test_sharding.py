@@ -112,3 +112,11 @@ def test_dimension_not_divisible_by_its_axis_names_the_rule(tiny_cfg):
                   ByteTokenizer())
     with pytest.raises(UserError, match=r"'heads' dimension of 2, not divisible .* mesh.rules.heads"):
         make_setup(cfg)
+
+
+def test_kv_heads_the_tensor_axis_does_not_divide_are_a_one_line_error(tiny_cfg):
+    model = dataclasses.replace(tiny_cfg.model, n_heads=8, n_kv_heads=2)
+    cfg = resolve(dataclasses.replace(tiny_cfg, model=model, mesh=MeshConfig(
+        axes={"data": 2, "fsdp": 1, "tensor": 4})), ByteTokenizer())
+    with pytest.raises(UserError, match=r"blocks\.attn\.k\.kernel has a 'heads' dimension of 2"):
+        make_setup(cfg)
