@@ -1,4 +1,4 @@
-"""`jaxlm train | eval | generate | fill-mask | tokenizer`: argument parsing and the user-error boundary (exit code 2)."""
+"""`jaxlm train | eval | generate | fill-mask | tokenizer | plot`: argument parsing and the user-error boundary (exit code 2)."""
 
 from __future__ import annotations
 
@@ -160,7 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     train_tok.add_argument("--max-documents", type=int, default=100_000,
                            help="train on at most this many documents of the split")
     _add_overrides(train_tok)
+    _add_plot(commands)
     return parser
+
+
+def _add_plot(commands: argparse._SubParsersAction) -> None:
+    plot = commands.add_parser(
+        "plot",
+        help="draw training curves of one or more runs into a PNG",
+        description="Train loss (raw and smoothed), eval loss, learning rate and tokens/s against "
+        "step, from each run's metrics.jsonl; several runs are overlaid, named in the legend.",
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run directory of `jaxlm train`")
+    plot.add_argument("--out", default="curves.png", metavar="FILE.png",
+                      help="where to write the PNG (default: curves.png here)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -284,10 +297,26 @@ def _tokenizer(args: argparse.Namespace) -> None:
     print(f"wrote {output}: {tokenizer.vocab_size} pieces ({args.model_type}) from {count} documents")
 
 
+def _plot(args: argparse.Namespace) -> None:
+    from jaxlm.plot import render
+    from jaxlm.run import RunDir, run_path
+
+    runs = [RunDir(run_path(r)) for r in args.runs]
+    short = [run.root.name for run in runs]
+    labels = short if len(set(short)) == len(short) else [str(run.root) for run in runs]
+    png = render({label: run.read_metrics() for label, run in zip(labels, runs)})
+    out = run_path(args.out)
+    try:
+        out.write_bytes(png)
+    except OSError as err:
+        raise UserError(f"cannot write {out} ({err.strerror or err}); choose another --out") from None
+    print(f"wrote {out} ({', '.join(labels)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": _train, "eval": _eval, "generate": _generate, "fill-mask": _fill_mask,
-                "tokenizer": _tokenizer}
+                "tokenizer": _tokenizer, "plot": _plot}
     try:
         commands[args.command](args)
     except UserError as err:

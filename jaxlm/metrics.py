@@ -62,7 +62,9 @@ class MetricsLog:
 
     def _add_scalars(self, record: dict[str, Any]) -> None:
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if key in ("step", "time") or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):
                 self._board.write_event(Event(wall_time=time.time(), step=record["step"],
                                               summary=scalar(_tag(key), value)))
 

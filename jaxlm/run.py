@@ -5,6 +5,7 @@ Layout of `<run_dir>`:
   config.yaml            resolved config of the latest start (also inside every checkpoint)
   tokenizer.model        the run's copy of a SentencePiece model (self-contained checkpoints)
   metrics.jsonl          one JSON record per logged step and per eval
+  curves.png             train/eval loss, learning rate and tokens/s against step, redrawn at each eval
   metrics.<time>.jsonl   history of an earlier start that restored no checkpoint, kept aside
   tensorboard/           the same scalars as TensorBoard events (tensorboard.<time>/ kept aside)
   checkpoints/<step>/    Orbax checkpoints
@@ -45,6 +46,11 @@ def warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def run_path(text: str | os.PathLike) -> Path:
+    """The path of a run directory (or a file beside it) as given on the command line."""
+    return Path(text).expanduser()
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDir:
     """Paths of one run directory and the file operations that keep them consistent."""
@@ -62,6 +68,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "curves.png"
 
     @property
     def tensorboard(self) -> Path:
@@ -109,6 +119,28 @@ class RunDir:
                 f"({self.tokenizer}); put that one back (cp {self.tokenizer} {source}) or start a "
                 "new train.run_dir"
             )
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl; a torn line (a run killed mid-write) is left out."""
+        if not self.metrics.exists():
+            raise UserError(f"{self.root} has no metrics.jsonl; pass the run_dir of a `jaxlm train` run")
+        records = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def draw_curves(self, log: Log) -> None:
+        """Redraws curves.png from the metrics. A failed write only warns: the curves are derived
+        from metrics.jsonl, which is intact."""
+        from jaxlm.plot import render  # matplotlib is imported once a run first evaluates
+
+        try:
+            _write_atomically(self.curves, render({self.root.name: self.read_metrics()}))
+        except OSError as err:
+            log(f"warning: could not write {self.curves} ({err.strerror or err})")
 
     def set_history_aside(self, log: Log) -> None:
         """A start from step 0 keeps earlier metrics and events under a timestamped name."""

@@ -113,7 +113,7 @@ def _start(cfg: Config, run: RunDir, devices: list[jax.Device] | None, force_res
     if is_main and (start or cfg.init_from):
         print(f"resuming from step {start} in {checkpointer.directory}" if start
               else f"initialized params from {cfg.init_from}", flush=True)
-    return _Job(cfg=cfg, setup=setup, evaluator=evaluator, checkpointer=checkpointer,
+    return _Job(cfg=cfg, run=run, setup=setup, evaluator=evaluator, checkpointer=checkpointer,
                 dataset=dataset, start=start, state=state, train_iter=train_iter)
 
 
@@ -161,7 +161,10 @@ def _steps(job: _Job, end: int, stop: StopRequest, show_progress: bool,
                                 mfu=f"{pending.mfu:.1%}", refresh=False)
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
             final_eval = job.evaluator(state["params"], cfg.train.eval_batches)
-            log.write([{"step": step, **{f"eval_{k}": v for k, v in final_eval.items()}}])
+            log.write([{"step": step, **{f"eval_{k}": v for k, v in final_eval.items()},
+                        "time": time.time()}])
+            if jax.process_index() == 0:
+                job.run.draw_curves(warn)
             bar.write(f"step {step}: eval loss {final_eval['loss']:.4f}, "
                       f"bits/byte {final_eval['bits_per_byte']:.4f}")
             pending.restart_clock()
@@ -244,4 +247,5 @@ def _record(step: int, m: dict[str, Any]) -> dict[str, Any]:
         "grad_norm": float(m["grad_norm"]),
         "lr": float(m["lr"]),
         "nonfinite": bool(m["nonfinite"]),
+        "time": time.time(),  # when fetched (wall time of the run: `jaxlm inspect`)
     }

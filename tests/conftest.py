@@ -123,3 +123,21 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file's bytes under `directory` by relative path (the run lock's holder note aside)."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
             if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tmp_path_factory, corpus, cache_dir) -> dict[str, Path]:
+    """Two finished runs for reports: 'finished' in one session, 'resumed' stopped at step 3 and
+    continued to 6 with another learning rate (checkpoints 3 and 6, an eval at each)."""
+    from jaxlm.train import train
+
+    root = tmp_path_factory.mktemp("finished_runs")
+    runs = {}
+    for name, lr in (("finished", 3e-3), ("resumed", 1e-2)):
+        cfg = tiny_config(corpus, cache_dir, root / name, eval_every=3)
+        cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, learning_rate=lr))
+        if name == "resumed":
+            train(cfg, show_progress=False, stop_at=3)
+        train(cfg, show_progress=False)
+        runs[name] = root / name
+    return runs
