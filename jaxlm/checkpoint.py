@@ -202,6 +202,21 @@ class Checkpointer:
             return None
         return self._read(step, {"dataset": ocp.args.JsonRestore()}).dataset
 
+    def check_fits(self, step: int, setup: Setup) -> None:
+        """Raises CheckpointMismatch (or CheckpointDamaged) unless `setup`'s model and optimizer
+        state could restore from checkpoint `step`; reads metadata only."""
+        for part in _STATE_ITEMS:
+            self._state_item(step, setup, part)
+
+    def saved_mesh(self, step: int) -> dict[str, int]:
+        """{axis: size} of the mesh checkpoint `step`'s params were written from."""
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(self.step_dir(step) / "params")
+        except Exception as err:  # noqa: BLE001 - narrowed by data_loss just below
+            self._raise_read_failure(step, err)
+        leaf = jax.tree.leaves(saved, is_leaf=lambda x: hasattr(x, "sharding"))[0]
+        return dict(zip(leaf.sharding.axis_names, map(int, leaf.sharding.shape)))
+
     def _state_item(self, step: int, setup: Setup, part: str) -> Any:
         """The restore args of one state item, after checking the saved shapes fit the model."""
         directory = self.step_dir(step) / part

@@ -1,4 +1,4 @@
-"""`jaxlm train | eval | generate | fill-mask | tokenizer | plot`: argument parsing and the user-error boundary (exit code 2)."""
+"""`jaxlm train | eval | generate | fill-mask | tokenizer | plot | inspect`: argument parsing and the user-error boundary (exit code 2)."""
 
 from __future__ import annotations
 
@@ -161,7 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
                            help="train on at most this many documents of the split")
     _add_overrides(train_tok)
     _add_plot(commands)
+    _add_inspect(commands)
     return parser
+
+
+def _add_inspect(commands: argparse._SubParsersAction) -> None:
+    inspect = commands.add_parser(
+        "inspect",
+        help="one screen about a run: model, mesh, checkpoints, last metrics, resumability",
+        description="Architecture and parameter count, objective, tokenizer, the mesh it was "
+        "trained on, checkpoints with steps and sizes, last train/eval metrics, tokens seen, wall "
+        "time, and whether `jaxlm train` would resume it cleanly with the config now on disk. "
+        "Reads the run without changing it.",
+    )
+    inspect.add_argument("run", metavar="RUN", help="run directory of `jaxlm train`")
+    inspect.add_argument("--config", type=Path, default=None,
+                         help="the config a resume would use (default: RUN/config.yaml)")
+    _add_overrides(inspect)
 
 
 def _add_plot(commands: argparse._SubParsersAction) -> None:
@@ -226,8 +242,6 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import jax
-
     from jaxlm.run import load_run
     from jaxlm.generate import generate
     from jaxlm.objectives import is_causal
@@ -235,7 +249,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
+    cfg, setup, params, _ = load_run(args.run, args.step, args.overrides)
     if not is_causal(cfg.objective):
         raise UserError(f"generate needs a causal LM; {args.run} was trained with {cfg.objective}")
     prompts = args.prompt or [""]
@@ -258,8 +272,6 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _fill_mask(args: argparse.Namespace) -> None:
-    import jax
-
     from jaxlm.run import load_run
     from jaxlm.fill_mask import MASK_TEXT, fill_mask
     from jaxlm.objectives import is_causal
@@ -269,7 +281,7 @@ def _fill_mask(args: argparse.Namespace) -> None:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     if MASK_TEXT not in args.text:
         raise UserError(f"fill-mask text has no {MASK_TEXT}; write {MASK_TEXT} where a token is missing")
-    cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
+    cfg, setup, params, _ = load_run(args.run, args.step, args.overrides)
     if is_causal(cfg.objective):
         raise UserError(f"fill-mask needs a masked LM; {args.run} was trained with objective "
                         f"{cfg.objective} (use `jaxlm generate`)")
@@ -313,10 +325,16 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({', '.join(labels)})")
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from jaxlm.inspect_run import inspect_run
+
+    print("\n".join(inspect_run(args.run, args.config, args.overrides)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": _train, "eval": _eval, "generate": _generate, "fill-mask": _fill_mask,
-                "tokenizer": _tokenizer, "plot": _plot}
+                "tokenizer": _tokenizer, "plot": _plot, "inspect": _inspect}
     try:
         commands[args.command](args)
     except UserError as err:

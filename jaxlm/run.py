@@ -36,6 +36,7 @@ from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer, CheckpointDamaged
 from jaxlm.config import CheckpointConfig, Config
 from jaxlm.errors import UserError
+from jaxlm.sharding import fit_axes
 from jaxlm.state import Setup, make_setup
 from jaxlm.tokenizer import SENTENCEPIECE_PREFIX, Tokenizer, load_tokenizer, sentencepiece_path
 
@@ -141,6 +142,12 @@ class RunDir:
             _write_atomically(self.curves, render({self.root.name: self.read_metrics()}))
         except OSError as err:
             log(f"warning: could not write {self.curves} ({err.strerror or err})")
+
+    def size(self, path: Path) -> int:
+        """Bytes of a file, or of all files under a directory."""
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
     def set_history_aside(self, log: Log) -> None:
         """A start from step 0 keeps earlier metrics and events under a timestamped name."""
@@ -248,12 +255,11 @@ def read_only_checkpointer(run: RunDir) -> Checkpointer:
 
 
 def saved_config(checkpointer: Checkpointer, run: RunDir, step: int, overrides: list[str] = (),
-                 mesh_from_saved: bool = False) -> Config:
-    """The config a checkpoint was trained with, its tokenizer the run's own copy; the mesh is
-    data-parallel over the devices here unless `mesh_from_saved`."""
+                 device_count: int = 1) -> Config:
+    """The config a checkpoint was trained with, its tokenizer the run's own copy, its mesh fitted
+    to `device_count` devices (sharding.fit_axes; `overrides` of mesh.axes apply after that)."""
     raw = checkpointer.restore_config_dict(step)
-    if not mesh_from_saved:
-        raw["mesh"]["axes"] = {name: 1 for name in raw["mesh"]["axes"]} | {"data": -1}
+    raw["mesh"]["axes"] = fit_axes(raw["mesh"]["axes"], device_count)
     if run.tokenizer.exists():
         raw["data"]["tokenizer"] = f"{SENTENCEPIECE_PREFIX}{run.tokenizer}"
     for assignment in overrides:
@@ -277,9 +283,10 @@ def load_run(
     log: Log = warn,
 ) -> tuple[Config, Setup, Any, int]:
     """Config, setup and params of a run's checkpoint (default: the newest readable one, with a
-    warning for each unreadable one skipped; nothing is moved), laid out data-parallel on
-    `devices` (default: all), since the run's own mesh may not fit here."""
-    run = RunDir(Path(run_dir))
+    warning for each unreadable one skipped; nothing is moved), restored in their shards on the
+    run's own mesh fitted to `devices` (default: all), so a model bigger than one device loads."""
+    run = RunDir(run_path(run_dir))
+    devices = devices if devices is not None else jax.devices()
     checkpointer = read_only_checkpointer(run)
     steps = sorted(checkpointer.all_steps(), reverse=True)
     if step is not None and step not in steps:
@@ -287,7 +294,7 @@ def load_run(
     try:
         for candidate in [step] if step is not None else steps:
             try:
-                cfg = saved_config(checkpointer, run, candidate, overrides)
+                cfg = saved_config(checkpointer, run, candidate, overrides, len(devices))
                 setup = make_setup(cfg, devices)
                 return cfg, setup, checkpointer.restore_params(candidate, setup), candidate
             except CheckpointDamaged as err:
