@@ -7,8 +7,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jaxlm.errors import TrainingStopped, UserError
+
+if TYPE_CHECKING:
+    from jaxlm.config import Config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_clm.yaml"
 
@@ -63,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile the train step for the configured mesh without data or training; print "
         "each param's sharding, the parameter count and per-device memory",
+    )
+    train.add_argument(
+        "--topology",
+        default=None,
+        metavar="SLICE",
+        help="with --dry-run: compile for this TPU slice instead of the devices present (e.g. "
+        "v5e-256, v6e-64, v4-32, v5p-128; needs libtpu, not a TPU) and say whether the step fits "
+        "its HBM; exit 1 if it does not",
     )
     train.add_argument(
         "--force-resume",
@@ -192,7 +204,7 @@ def _add_plot(commands: argparse._SubParsersAction) -> None:
                       help="where to write the PNG (default: curves.png here)")
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
     from jaxlm import distributed
     from jaxlm.config import load_config
     from jaxlm.train import train
@@ -203,18 +215,34 @@ def _train(args: argparse.Namespace) -> None:
         raise UserError(f"default config {path} is missing; pass --config FILE")
     cfg = load_config(path, args.overrides)
     if args.dry_run:
-        from jaxlm.dryrun import dry_run
-        from jaxlm.tokenizer import load_tokenizer
-        from jaxlm.run import resolve
-
-        dry_run(resolve(cfg, load_tokenizer(cfg.data.tokenizer)))
-        return
+        return _dry_run(cfg, args.topology)
+    if args.topology:
+        raise UserError("--topology describes a TPU slice to compile for: use it with --dry-run")
     train(
         cfg,
         show_progress=not args.no_progress,
         stop_at=args.stop_at,
         force_resume=args.force_resume,
     )
+    return 0
+
+
+def _dry_run(cfg: Config, topology: str | None) -> int:
+    """Exit 1 when the step does not fit the devices' memory, so a launch script can stop."""
+    from jaxlm.dryrun import dry_run
+    from jaxlm.run import resolve
+    from jaxlm.tokenizer import load_tokenizer
+
+    cfg = resolve(cfg, load_tokenizer(cfg.data.tokenizer))
+    if topology is None:
+        report = dry_run(cfg)
+    else:
+        from jaxlm.topology import describe
+
+        target = describe(topology)
+        print(f"compiling for {target.name} ({target.libtpu_name}, {len(target.devices)} devices)")
+        report = dry_run(cfg, target.devices, target.hbm_bytes)
+    return 1 if report.get("fits") is False else 0
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -336,14 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": _train, "eval": _eval, "generate": _generate, "fill-mask": _fill_mask,
                 "tokenizer": _tokenizer, "plot": _plot, "inspect": _inspect}
     try:
-        commands[args.command](args)
+        code = commands[args.command](args)
     except UserError as err:
         print(f"jaxlm: error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:
         print(f"jaxlm: stopped: {err}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 def run_main() -> None:
