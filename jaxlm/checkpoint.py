@@ -14,16 +14,17 @@ import json
 import logging
 import re
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlm import storage
 from jaxlm.config import CheckpointConfig, Config, to_dict
 from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.state import Setup, State
+from jaxlm.storage import Path
 
 # TensorStore reports storage problems as ValueError("STATUS: ..."); these mean lost or torn bytes.
 _LOSS_STATUSES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
@@ -122,7 +123,7 @@ class Checkpointer:
             read_only=read_only,
             create=not read_only,
         )
-        self.directory = directory.absolute()
+        self.directory = directory if storage.is_remote(directory) else directory.absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._unconfirmed: int | None = None  # the last step saved, until it is seen committed
         self._errors = _StorageErrors()

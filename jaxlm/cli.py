@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validation loss, perplexity, bits per byte and token accuracy of a "
         "checkpoint, restored onto whatever devices are present.",
     )
-    evaluate.add_argument("--run", type=Path, required=True, help=run_help)
+    evaluate.add_argument("--run", required=True, help=run_help)
     evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     evaluate.add_argument(
         "--batches", type=int, default=None, help="evaluate only this many batches (default: all)"
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cache. The context window (model.max_seq_len) does not slide: a row stops when prompt "
         "plus continuation fill it (a longer prompt keeps its last max_seq_len - 1 tokens).",
     )
-    generate.add_argument("--run", type=Path, required=True, help=run_help)
+    generate.add_argument("--run", required=True, help=run_help)
     generate.add_argument(
         "--prompt",
         action="append",
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the top-k tokens, with probabilities, for each [MASK] in TEXT.",
     )
     fill.add_argument("text", help="text with one or more [MASK], e.g. 'def [MASK](self):'")
-    fill.add_argument("--run", type=Path, required=True, help=run_help)
+    fill.add_argument("--run", required=True, help=run_help)
     fill.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     fill.add_argument("--top-k", type=int, default=5, help="candidates shown per mask")
     _add_overrides(fill)

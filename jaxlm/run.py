@@ -10,7 +10,10 @@ Layout of `<run_dir>`:
   tensorboard/           the same scalars as TensorBoard events (tensorboard.<time>/ kept aside)
   checkpoints/<step>/    Orbax checkpoints
   quarantine/<step>-<time>/  unreadable checkpoints, moved aside, never deleted
-  .lock                  held (flock) by process 0 of the job training this run
+  .lock                  held (flock; on gs:// a lock object) by process 0 of the job training this run
+
+The directory may be local or on an object store (gs://...): every file goes through `jaxlm.storage`,
+which says how writes, moves, appends and the lock work without rename, append or flock.
 """
 
 from __future__ import annotations
@@ -19,11 +22,9 @@ import dataclasses
 import fcntl
 import json
 import os
-import shutil
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -33,11 +34,13 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
+from jaxlm import storage
 from jaxlm.checkpoint import Checkpointer, CheckpointDamaged
 from jaxlm.config import CheckpointConfig, Config
 from jaxlm.errors import UserError
 from jaxlm.sharding import fit_axes
 from jaxlm.state import Setup, make_setup
+from jaxlm.storage import Path
 from jaxlm.tokenizer import SENTENCEPIECE_PREFIX, Tokenizer, load_tokenizer, sentencepiece_path
 
 Log = Callable[[str], None]
@@ -48,8 +51,8 @@ def warn(message: str) -> None:
 
 
 def run_path(text: str | os.PathLike) -> Path:
-    """The path of a run directory (or a file beside it) as given on the command line."""
-    return Path(text).expanduser()
+    """The path of a run directory (or a file beside it) as given: local or gs://."""
+    return storage.path(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +107,7 @@ class RunDir:
             ) from None
 
     def write_config(self, cfg: Config) -> None:
-        _write_atomically(self.config, yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False).encode())
+        storage.write_whole(self.config, yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False).encode())
 
     def keep_tokenizer(self, cfg: Config) -> None:
         """Copies a SentencePiece model into the run so its checkpoints are self-contained; a run
@@ -113,7 +116,7 @@ class RunDir:
         if source is None:
             return
         if not self.tokenizer.exists():
-            _write_atomically(self.tokenizer, source.read_bytes())
+            storage.write_whole(self.tokenizer, source.read_bytes())
         elif self.tokenizer.read_bytes() != source.read_bytes():
             raise UserError(
                 f"tokenizer {source} differs from the one this run was trained with "
@@ -139,15 +142,20 @@ class RunDir:
         from jaxlm.plot import render  # matplotlib is imported once a run first evaluates
 
         try:
-            _write_atomically(self.curves, render({self.root.name: self.read_metrics()}))
+            storage.write_whole(self.curves, render({self.root.name: self.read_metrics()}))
         except OSError as err:
             log(f"warning: could not write {self.curves} ({err.strerror or err})")
 
     def size(self, path: Path) -> int:
         """Bytes of a file, or of all files under a directory."""
-        if path.is_file():
-            return path.stat().st_size
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return storage.size(path)
+
+    def set_checkpoint_aside(self, step_dir: Path, step: int) -> Path:
+        """Moves an unreadable checkpoint to quarantine/<step>-<time> (never deleted)."""
+        target = self.quarantine / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.quarantine.mkdir(parents=True, exist_ok=True)
+        storage.move(step_dir, target)
+        return target
 
     def set_history_aside(self, log: Log) -> None:
         """A start from step 0 keeps earlier metrics and events under a timestamped name."""
@@ -155,26 +163,21 @@ class RunDir:
         moved = []
         for path, kept in ((self.metrics, self.root / f"metrics.{stamp}.jsonl"),
                            (self.tensorboard, self.root / f"tensorboard.{stamp}")):
-            if path.exists() and (path.is_dir() or path.stat().st_size):
-                path.rename(kept)
+            if path.exists() and (path.is_dir() or path.stat().length):
+                storage.move(path, kept)
                 moved.append(kept.name)
         if moved:
             log(f"no checkpoint was restored: the earlier history is kept as {' and '.join(moved)}")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_bytes(data)
-    partial.replace(path)
-
-
 class RunLock:
     """One job at a time writes a run: process 0 holds an exclusive flock on `<run>/.lock` (the
     kernel drops it when the process dies, so a killed run's lock is free at once) and tells the
-    other processes of its job whether it got it. The holder's host and pid are in the file."""
+    other processes of its job whether it got it. The holder's host and pid are in the file.
+    On gs:// it is a lock object instead (`storage.ObjectLock`)."""
 
     def __init__(self, run: RunDir):
-        self.run, self._file = run, None
+        self.run, self._file, self._object = run, None, None
 
     def __enter__(self) -> "RunLock":
         holder = self._take() if jax.process_index() == 0 else ""
@@ -190,6 +193,13 @@ class RunLock:
 
     def _take(self) -> str:
         """'' once the lock is held here, else a description of its holder."""
+        info = {"host": socket.gethostname(), "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if storage.is_remote(self.run.lock):
+            self._object = storage.ObjectLock(self.run.lock)
+            holder = self._object.acquire(info)
+            return "" if holder is None else (f"{_holder(json.dumps(holder))} (if that job is gone, "
+                                              f"delete {self.run.lock})")
         lock = open(self.run.lock, "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -199,8 +209,7 @@ class RunLock:
             lock.close()
             return holder
         lock.truncate(0)
-        lock.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                               "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        lock.write(json.dumps(info))
         lock.flush()
         self._file = lock
         return ""
@@ -209,6 +218,8 @@ class RunLock:
         if self._file is not None:
             self._file.close()  # closing releases the flock
             self._file = None
+        if self._object is not None:
+            self._object.release()
 
 
 def _holder(text: str) -> str:

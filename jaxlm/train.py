@@ -22,7 +22,7 @@ from jaxlm.metrics import MetricsLog
 from jaxlm.objectives import example_fn
 from jaxlm.preemption import StopRequest
 from jaxlm.resume import initial_state
-from jaxlm.run import RunDir, RunLock, open_run, warn
+from jaxlm.run import RunDir, RunLock, open_run, run_path, warn
 from jaxlm.sharding import batch_shards, global_batch
 from jaxlm.state import Setup, make_train_step
 
@@ -53,7 +53,7 @@ def train(
     step under way (during setup they stop at once). `force_resume` accepts config changes that
     would alter the experiment. `devices` (default: all) lets a process train on part of its devices.
     """
-    run = RunDir(cfg.run_dir)
+    run = RunDir(run_path(cfg.train.run_dir or cfg.run_dir))
     with StopRequest() as stop, contextlib.ExitStack() as cleanup:
         run.prepare()
         cleanup.enter_context(RunLock(run))
