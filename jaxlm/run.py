@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -123,6 +125,19 @@ class RunDir:
                 f"({self.tokenizer}); put that one back (cp {self.tokenizer} {source}) or start a "
                 "new train.run_dir"
             )
+
+    def local_tokenizer(self) -> Path:
+        """The run's tokenizer copy as a local file (SentencePiece reads local files only): itself,
+        or for gs:// a copy named by its content in the temporary directory."""
+        if not storage.is_remote(self.tokenizer):
+            return self.tokenizer
+        data = self.tokenizer.read_bytes()
+        local = storage.path(tempfile.gettempdir()) / "jaxlm-tokenizers" / (
+            f"{hashlib.sha256(data).hexdigest()[:16]}.model")
+        if not local.exists():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            storage.write_whole(local, data)
+        return local
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The records of metrics.jsonl; a torn line (a run killed mid-write) is left out."""
@@ -272,7 +287,7 @@ def saved_config(checkpointer: Checkpointer, run: RunDir, step: int, overrides: 
     raw = checkpointer.restore_config_dict(step)
     raw["mesh"]["axes"] = fit_axes(raw["mesh"]["axes"], device_count)
     if run.tokenizer.exists():
-        raw["data"]["tokenizer"] = f"{SENTENCEPIECE_PREFIX}{run.tokenizer}"
+        raw["data"]["tokenizer"] = f"{SENTENCEPIECE_PREFIX}{run.local_tokenizer()}"
     for assignment in overrides:
         config_lib.apply_override(raw, assignment)
     cfg = config_lib.from_dict(Config, raw)

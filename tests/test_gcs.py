@@ -169,3 +169,16 @@ def test_a_corpus_cache_on_gcs_is_a_one_line_error(tmp_path, corpus, cache_dir, 
     assert main(["train", "--config", str(cfg), "--set", f"data.cache_dir=gs://{BUCKET}/cache"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "must be a local directory: array_record" in err
+
+
+def test_a_runs_sentencepiece_copy_is_read_through_a_local_file(gcs, tmp_path):
+    from jaxlm.run import RunDir
+    from jaxlm.tokenizer import load_tokenizer, train_sentencepiece
+
+    trained = train_sentencepiece([f"def f{i}(x): return x + {i}" for i in range(200)], tmp_path / "sp.model",
+                                  vocab_size=300)
+    run = RunDir(epath.Path(f"gs://{BUCKET}/sp_run"))
+    run.tokenizer.write_bytes(trained.path.read_bytes())
+    local = run.local_tokenizer()
+    assert "://" not in os.fspath(local) and local.read_bytes() == trained.path.read_bytes()
+    assert load_tokenizer(f"sentencepiece:{local}").encode("def f1(x)").tolist() == trained.encode("def f1(x)").tolist()
