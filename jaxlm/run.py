@@ -63,6 +63,9 @@ class RunDir:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", storage.path(self.root))  # one type, local or gs://
+
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
