@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
 
 from jaxlm.checkpoint import CheckpointDamaged, shapes
 from jaxlm.errors import UserError
-from jaxlm.run import RunDir, read_only_checkpointer, saved_config
+from jaxlm.run import RunDir, read_only_checkpointer, run_path, saved_config
 from jaxlm.state import Setup, make_setup
 from jaxlm.tokenizer import HF_PREFIX, tokenizer_files
 
@@ -27,7 +26,7 @@ def params_from(spec: str, setup: Setup) -> Any:
     run_text, _, step_text = spec.rpartition("@") if "@" in spec else (spec, "", "")
     if step_text and not step_text.isdigit():
         raise UserError(f"init_from '{spec}' must look like RUN_DIR or RUN_DIR@STEP")
-    run = RunDir(Path(run_text).expanduser())
+    run = RunDir(run_path(run_text))
     checkpointer = read_only_checkpointer(run)
     try:
         steps = checkpointer.all_steps()
