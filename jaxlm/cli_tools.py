@@ -43,9 +43,6 @@ def _add_hf_commands(commands: argparse._SubParsersAction) -> None:
                         help="split the safetensors into files of at most this size, with an index")
 
 
-def _train(args: argparse.Namespace) -> None:
-
-
 def _add_inspect(commands: argparse._SubParsersAction, add_overrides) -> None:
     inspect = commands.add_parser(
         "inspect",
