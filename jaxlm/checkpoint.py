@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import grain
@@ -23,9 +22,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlm import storage
 from jaxlm.config import CheckpointConfig, Config, to_dict
 from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.state import Setup, State, init_state
+from jaxlm.storage import Path
 
 # TensorStore reports storage problems as ValueError("STATUS: ..."); these mean lost or torn bytes.
 _LOSS_STATUSES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
@@ -141,7 +142,7 @@ class Checkpointer:
             read_only=read_only,
             create=not read_only,
         )
-        self.directory = directory.absolute()
+        self.directory = directory if storage.is_remote(directory) else directory.absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         # Orbax removes stale tmp dirs in a thread that neither close() nor exit waits for: a run
         # stopped by a setup error right after this would die under it, printing a traceback.
@@ -241,6 +242,21 @@ class Checkpointer:
         if not (self.step_dir(step) / "dataset").is_dir():
             return None
         return self._read(step, {"dataset": ocp.args.JsonRestore()}).dataset
+
+    def check_fits(self, step: int, setup: Setup) -> None:
+        """Raises CheckpointMismatch (or CheckpointDamaged) unless `setup`'s model and optimizer
+        state could restore from checkpoint `step`; reads metadata only."""
+        for part in _STATE_ITEMS:
+            self._state_item(step, setup, part)
+
+    def saved_mesh(self, step: int) -> dict[str, int]:
+        """{axis: size} of the mesh checkpoint `step`'s params were written from."""
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(self.step_dir(step) / "params")
+        except Exception as err:  # noqa: BLE001 - narrowed by data_loss just below
+            self._raise_read_failure(step, err)
+        leaf = jax.tree.leaves(saved, is_leaf=lambda x: hasattr(x, "sharding"))[0]
+        return dict(zip(leaf.sharding.axis_names, map(int, leaf.sharding.shape)))
 
     def _state_item(self, step: int, setup: Setup, part: str) -> Any:
         """The restore args of one state item, after checking the saved shapes fit the model."""

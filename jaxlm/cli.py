@@ -1,4 +1,5 @@
-"""`jaxlm train | eval | generate | fill-mask | predict | tokenizer | import | export`: argument parsing and the user-error boundary (exit code 2)."""
+"""`jaxlm train | eval | generate | fill-mask | predict | tokenizer | import | export | plot |
+inspect`: argument parsing and the user-error boundary (exit code 2)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 from jaxlm.config import SHIPPED_CONFIGS, config_path, shipped_config_names
+from jaxlm.cli_tools import TOOL_COMMANDS, add_tool_commands
 from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.ranges import AT_LEAST_0, AT_LEAST_1, SEED, Range
+
+if TYPE_CHECKING:
+    from jaxlm.config import Config
 
 DEFAULT_CONFIG_NAME = "tiny_clm"
 DEFAULT_CONFIG = SHIPPED_CONFIGS / f"{DEFAULT_CONFIG_NAME}.yaml"  # its file (tools/ take paths)
@@ -92,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         "each param's sharding, the parameter count and per-device memory",
     )
     train.add_argument(
+        "--topology",
+        default=None,
+        metavar="SLICE",
+        help="with --dry-run: compile for this TPU slice instead of the devices present (e.g. "
+        "v5e-256, v6e-64, v4-32, v5p-128; needs libtpu, not a TPU) and say whether the step fits "
+        "its HBM; exit 1 if it does not",
+    )
+    train.add_argument(
         "--force-resume",
         action="store_true",
         help="resume even if the config now differs in keys that change the experiment "
@@ -112,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validation loss, perplexity, bits per byte and token accuracy of a "
         "checkpoint, restored onto whatever devices are present.",
     )
-    evaluate.add_argument("--run", type=Path, required=True, help=run_help)
+    evaluate.add_argument("--run", required=True, help=run_help)
     evaluate.add_argument("--step", type=_number(int, AT_LEAST_0), default=None,
                           help="checkpoint step (default: latest)")
     evaluate.add_argument("--batches", type=_number(int, AT_LEAST_1), default=None,
@@ -133,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cache. The context window (model.max_seq_len) does not slide: a row stops when prompt "
         "plus continuation fill it (a longer prompt keeps its last max_seq_len - 1 tokens).",
     )
-    generate.add_argument("--run", type=Path, required=True, help=run_help)
+    generate.add_argument("--run", required=True, help=run_help)
     generate.add_argument(
         "--prompt",
         action="append",
@@ -167,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the top-k tokens, with probabilities, for each [MASK] in TEXT.",
     )
     fill.add_argument("text", help="text with one or more [MASK], e.g. 'def [MASK](self):'")
-    fill.add_argument("--run", type=Path, required=True, help=run_help)
+    fill.add_argument("--run", required=True, help=run_help)
     fill.add_argument("--step", type=_number(int, AT_LEAST_0), default=None,
                       help="checkpoint step (default: latest)")
     fill.add_argument("--top-k", type=_number(int, AT_LEAST_1), default=5,
@@ -197,39 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_tok.add_argument("--max-documents", type=_number(int, AT_LEAST_1), default=100_000,
                            help="train on at most this many documents of the split")
     _add_overrides(train_tok)
-    _add_hf_commands(commands)
+    add_tool_commands(commands, _add_overrides)
     return parser
 
 
-def _add_hf_commands(commands: argparse._SubParsersAction) -> None:
-    imp = commands.add_parser(
-        "import",
-        help="convert a Hugging Face GPT-2 / LLaMA / BERT checkpoint into a jaxlm run directory",
-        description="Read config.json and safetensors (one file or shards with an index) of a "
-        "Hugging Face model directory and write a run directory whose step-0 checkpoint works "
-        "with eval, generate, fill-mask, train (resume) and init_from. Nothing is downloaded.",
-    )
-    imp.add_argument("--hf", type=Path, required=True, help="Hugging Face model directory")
-    imp.add_argument("--out", type=Path, required=True, help="run directory to create")
-    imp.add_argument("--objective", choices=["clm", "mlm"], default=None,
-                     help="default: clm for GPT-2 and LLaMA, mlm for BERT")
-    export = commands.add_parser(
-        "export",
-        help="write a run's checkpoint as a Hugging Face model directory",
-        description="Write config.json, safetensors, generation_config.json and the run's "
-        "tokenizer files, loadable with transformers' AutoModelForCausalLM / "
-        "AutoModelForMaskedLM.from_pretrained(DIR).",
-    )
-    export.add_argument("--run", required=True, metavar="RUN_DIR[@STEP]",
-                        help="run directory, optionally @STEP (default: latest checkpoint)")
-    export.add_argument("--out", type=Path, required=True, help="directory to create")
-    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="dtype of the written tensors (default: float32)")
-    export.add_argument("--max-shard-mb", type=int, default=5000,
-                        help="split the safetensors into files of at most this size, with an index")
-
-
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
     from jaxlm import distributed
     from jaxlm.config import load_config
     from jaxlm.train import train
@@ -237,18 +222,34 @@ def _train(args: argparse.Namespace) -> None:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     cfg = load_config(config_path(args.config), args.overrides)
     if args.dry_run:
-        from jaxlm.dryrun import dry_run
-        from jaxlm.tokenizer import load_tokenizer
-        from jaxlm.run import resolve
-
-        dry_run(resolve(cfg, load_tokenizer(cfg.data.tokenizer)))
-        return
+        return _dry_run(cfg, args.topology)
+    if args.topology:
+        raise UserError("--topology describes a TPU slice to compile for: use it with --dry-run")
     train(
         cfg,
         show_progress=not args.no_progress,
         stop_at=args.stop_at,
         force_resume=args.force_resume,
     )
+    return 0
+
+
+def _dry_run(cfg: Config, topology: str | None) -> int:
+    """Exit 1 when the step does not fit the devices' memory, so a launch script can stop."""
+    from jaxlm.dryrun import dry_run
+    from jaxlm.run import resolve
+    from jaxlm.tokenizer import load_tokenizer
+
+    cfg = resolve(cfg, load_tokenizer(cfg.data.tokenizer))
+    if topology is None:
+        report = dry_run(cfg)
+    else:
+        from jaxlm.topology import describe
+
+        target = describe(topology)
+        print(f"compiling for {target.name} ({target.libtpu_name}, {len(target.devices)} devices)")
+        report = dry_run(cfg, target.devices, target.hbm_bytes)
+    return 1 if report.get("fits") is False else 0
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -279,14 +280,12 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import jax
-
     from jaxlm.run import load_run
     from jaxlm.generate import generate
     from jaxlm.objectives import is_causal
     from jaxlm.tokenizer import load_tokenizer
 
-    cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
+    cfg, setup, params, _ = load_run(args.run, args.step, args.overrides)
     if not is_causal(cfg.objective, cfg.model.causal) or cfg.objective == "classify":
         raise UserError(f"generate needs a causal LM; {args.run} was trained with {cfg.objective}")
     if args.input_file is not None:
@@ -338,15 +337,13 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _fill_mask(args: argparse.Namespace) -> None:
-    import jax
-
     from jaxlm.run import load_run
     from jaxlm.fill_mask import MASK_TEXT, fill_mask
     from jaxlm.tokenizer import load_tokenizer
 
     if MASK_TEXT not in args.text:
         raise UserError(f"fill-mask text has no {MASK_TEXT}; write {MASK_TEXT} where a token is missing")
-    cfg, setup, params, _ = load_run(args.run, args.step, args.overrides, jax.devices()[:1])
+    cfg, setup, params, _ = load_run(args.run, args.step, args.overrides)
     if cfg.objective != "mlm":
         raise UserError(f"fill-mask needs a masked LM; {args.run} was trained with objective "
                         f"{cfg.objective} (use `jaxlm generate`)")
@@ -374,40 +371,21 @@ def _tokenizer(args: argparse.Namespace) -> None:
     print(f"wrote {output}: {tokenizer.vocab_size} pieces ({args.model_type}) from {count} documents")
 
 
-def _import(args: argparse.Namespace) -> None:
-    from jaxlm.hf.importer import import_hf
-
-    cfg = import_hf(args.hf, args.out, args.objective)
-    print(f"wrote {args.out}: {cfg.objective} model, {cfg.model.n_layers} layers, d_model "
-          f"{cfg.model.d_model}, vocab {cfg.model.vocab_size}, tokenizer {cfg.data.tokenizer}")
-
-
-def _export(args: argparse.Namespace) -> None:
-    from jaxlm.hf.exporter import export_run
-
-    run_text, _, step_text = args.run.rpartition("@") if "@" in args.run else (args.run, "", "")
-    if step_text and not step_text.isdigit():
-        raise UserError(f"--run '{args.run}' must look like RUN_DIR or RUN_DIR@STEP")
-    if args.max_shard_mb <= 0:
-        raise UserError(f"--max-shard-mb must be positive, got {args.max_shard_mb}")
-    out = export_run(Path(run_text), int(step_text) if step_text else None, args.out, args.dtype,
-                     args.max_shard_mb * 2**20)
-    print(f"wrote {out} ({args.dtype})")
 
 
 def main(argv: list[str] | None = None) -> int:
     commands = {"train": _train, "eval": _eval, "generate": _generate, "fill-mask": _fill_mask,
-                "predict": _predict, "tokenizer": _tokenizer, "import": _import, "export": _export}
+                "predict": _predict, "tokenizer": _tokenizer, **TOOL_COMMANDS}
     try:
         args = build_parser().parse_args(argv)
-        commands[args.command](args)
+        code = commands[args.command](args)
     except UserError as err:
         print(f"jaxlm: error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:
         print(f"jaxlm: stopped: {err}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 def run_main() -> None:

@@ -111,6 +111,11 @@ def _corpus(cfg: DataConfig, objective: str = "") -> tuple[type, Any]:
 
 def _prepared_builder(cfg: DataConfig, objective: str) -> tfds.core.DatasetBuilder:
     """The builder of a jaxlm corpus, built into the cache on first use."""
+    if "://" in cfg.cache_dir:
+        raise UserError(
+            f"data.cache_dir {cfg.cache_dir} must be a local directory: array_record, the corpus "
+            "file format, reads and writes through POSIX files only (gs:// run directories work)"
+        )
     builder_cls, corpus = _corpus(cfg, objective)
     if not builder_cls.documents(corpus):
         raise UserError(f"data.dataset {cfg.dataset}: the corpus is empty; point data.paths at text")

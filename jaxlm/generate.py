@@ -9,6 +9,10 @@ stops when it is full, at EOS, or after `max_new_tokens`; a longer prompt keeps 
 max_seq_len - 1 tokens. Prompts are padded to a power-of-two bucket, so a (batch, bucket) shape
 compiles once.
 
+With params sharded over a mesh (`jaxlm generate` on the run's own mesh fitted to the devices), the
+steps run under that mesh's rules: the cache is split like the batch and the heads, and a batch of
+prompts is padded with empty rows to a multiple of the batch shards.
+
 Shape legend: B batch, P prompt bucket, S cache slots (max_seq_len), D d_model, V vocab.
 """
 
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm import sharding
 from jaxlm.model import KVCache
 from jaxlm.state import Setup
 from jaxlm.tokenizer import Tokenizer, unusable_ids
@@ -68,9 +73,11 @@ class Sampler:
     prefill(params, tokens_BxP, lengths_B, key) -> (first new token per row, cache)
     decode(params, cache, tokens_B, positions_B, key, step) -> (next token per row, cache): writes
     `tokens` at slot `positions`, samples with `key` folded with `step`; the cache is donated.
+    A batch has a multiple of `rows` rows (the mesh's batch shards).
     """
 
     window: int
+    rows: int
     prefill: Callable[..., tuple[jax.Array, KVCache]]
     decode: Callable[..., tuple[jax.Array, KVCache]]
 
@@ -91,7 +98,8 @@ def make_sampler(
         model = nnx.merge(setup.model_def, params)
         batch, length = tokens_BxP.shape
         positions_BxP = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        x_BxPxD, cache = model.cached(tokens_BxP, positions_BxP, model.init_cache(batch, window))
+        with sharding.activation_sharding(setup.mesh, setup.rules):
+            x_BxPxD, cache = model.cached(tokens_BxP, positions_BxP, model.init_cache(batch, window))
         last_BxD = x_BxPxD[jnp.arange(batch), lengths_B - 1]
         return next_token(model, last_BxD, key, 0), cache
 
@@ -104,10 +112,12 @@ def make_sampler(
         step: jax.Array,
     ) -> tuple[jax.Array, KVCache]:
         model = nnx.merge(setup.model_def, params)
-        x_Bx1xD, cache = model.cached(tokens_B[:, None], positions_B[:, None], cache)
+        with sharding.activation_sharding(setup.mesh, setup.rules):
+            x_Bx1xD, cache = model.cached(tokens_B[:, None], positions_B[:, None], cache)
         return next_token(model, x_Bx1xD[:, 0], key, step), cache
 
-    return Sampler(window, jax.jit(prefill), jax.jit(decode, donate_argnums=1))
+    rows = sharding.batch_shards(setup.batch_sharding)
+    return Sampler(window, rows, jax.jit(prefill), jax.jit(decode, donate_argnums=1))
 
 
 def sample_ids(
@@ -121,7 +131,9 @@ def sample_ids(
 ) -> list[list[int]]:
     """New token ids per context (`eos_id`, which ends a row, not included); see the module
     docstring for the limits."""
+    asked = len(contexts)
     contexts = [c[-(sampler.window - 1) :] for c in contexts]
+    contexts += [contexts[0][:1]] * (-asked % sampler.rows)  # padding rows, dropped at the end
     lengths_B = np.array([len(c) for c in contexts], np.int32)
     tokens_BxP = np.zeros((len(contexts), bucket(int(lengths_B.max()), sampler.window)), np.int32)
     for row, context in enumerate(contexts):
@@ -130,7 +142,7 @@ def sample_ids(
     tokens_B, cache = sampler.prefill(params, tokens_BxP, lengths_B, key)
     positions_B = lengths_B.copy()  # the slot each row's newest token goes to
     new: list[list[int]] = [[] for _ in contexts]
-    done_B = np.zeros(len(contexts), bool)
+    done_B = np.arange(len(contexts)) >= asked  # padding rows are done from the start
     for step in range(1, max_new_tokens + 1):
         for row, token in enumerate(np.asarray(tokens_B).tolist()):
             if done_B[row]:
@@ -144,7 +156,7 @@ def sample_ids(
             break
         tokens_B, cache = sampler.decode(params, cache, tokens_B, positions_B, key, step)
         positions_B = positions_B + 1  # a new array: the last one may still be in flight
-    return new
+    return new[:asked]
 
 
 def generate(

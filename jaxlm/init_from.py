@@ -15,7 +15,7 @@ import jax
 from jaxlm.checkpoint import CheckpointDamaged, leaf_name, shapes
 from jaxlm.errors import UserError
 from jaxlm.heads import HEAD_NAMES
-from jaxlm.run import RunDir, read_only_checkpointer, saved_config
+from jaxlm.run import RunDir, read_only_checkpointer, run_path, saved_config
 from jaxlm.state import Setup, init_state, make_setup
 from jaxlm.tokenizer import HF_PREFIX, tokenizer_files
 
@@ -34,7 +34,7 @@ def params_from(spec: str, setup: Setup, fresh: Any | None = None) -> Any:
     run_text, _, step_text = spec.rpartition("@") if "@" in spec else (spec, "", "")
     if step_text and not step_text.isdigit():
         raise UserError(f"init_from '{spec}' must look like RUN_DIR or RUN_DIR@STEP")
-    run = RunDir(Path(run_text).expanduser())
+    run = RunDir(run_path(run_text))
     checkpointer = read_only_checkpointer(run)
     try:
         steps = checkpointer.all_steps()
@@ -45,8 +45,10 @@ def params_from(spec: str, setup: Setup, fresh: Any | None = None) -> Any:
         try:
             source_cfg = saved_config(checkpointer, run, step)
             _check_tokenizer(where, source_cfg, setup)
-            if setup.cfg.init_heads == "reinit":
-                source_setup = make_setup(source_cfg)
+            if setup.cfg.init_heads == "reinit":  # the source's params, on this run's devices
+                devices = list(setup.mesh.devices.flat)
+                source_cfg = saved_config(checkpointer, run, step, device_count=len(devices))
+                source_setup = make_setup(source_cfg, devices)
                 _check_matches(where, source_cfg, source_setup, setup, backbone_only=True)
                 fresh = init_state(setup)["params"] if fresh is None else fresh
                 return _backbone_from(checkpointer.restore_params(step, source_setup), fresh, setup)

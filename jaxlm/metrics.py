@@ -1,6 +1,9 @@
 """Run metrics, written by process 0 only: one JSON object per line in <run_dir>/metrics.jsonl, and
 the same scalars as TensorBoard events in <run_dir>/tensorboard (train/* and eval/* tags).
 
+On an object store (gs://) nothing can be appended: metrics.jsonl is rewritten whole from the lines
+kept here, and tensorboardX re-uploads its event file whole at each flush.
+
 Both are written synchronously from the training thread and flushed per group of records, so a
 failing disk (ENOSPC) stops the run at once with one line instead of a background writer thread
 dying and the next write blocking for ever.
@@ -10,14 +13,15 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.summary import scalar
 
+from jaxlm import storage
 from jaxlm.errors import TrainingStopped
+from jaxlm.storage import Path
 
 
 class MetricsLog:
@@ -28,12 +32,16 @@ class MetricsLog:
         TensorBoard hides its own past that step (purge)."""
         self.path, self.enabled = path, enabled
         self._board: EventsWriter | None = None
+        self._lines: list[str] | None = None  # the whole log, where it cannot be appended to
         if not enabled:
             return
         try:
+            kept = []
             if path.exists():
-                kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
-                path.write_text("".join(f"{line}\n" for line in kept))
+                kept = [f"{line}\n" for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+                storage.write_whole(path, "".join(kept).encode())
+            if storage.is_remote(path):
+                self._lines = kept
             if tensorboard_dir is not None:
                 tensorboard_dir.mkdir(parents=True, exist_ok=True)
                 self._board = EventsWriter(str(tensorboard_dir / "events"))
@@ -48,8 +56,13 @@ class MetricsLog:
         if not self.enabled or not records:
             return
         try:
-            with self.path.open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+            lines = [json.dumps(r) + "\n" for r in records]
+            if self._lines is None:
+                with self.path.open("a") as f:
+                    f.writelines(lines)
+            else:
+                self._lines += lines
+                storage.write_whole(self.path, "".join(self._lines).encode())
             if self._board is not None:
                 for record in records:
                     self._add_scalars(record)
@@ -62,7 +75,9 @@ class MetricsLog:
 
     def _add_scalars(self, record: dict[str, Any]) -> None:
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if key in ("step", "time") or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):
                 self._board.write_event(Event(wall_time=time.time(), step=record["step"],
                                               summary=scalar(_tag(key), value)))
 

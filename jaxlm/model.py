@@ -26,6 +26,8 @@ from jaxlm.sharding import constrain
 Array = jax.Array
 # Activations between blocks: rows split like the batch, features replicated.
 ACTIVATION_AXES = ("batch", None, None)
+# The KV cache (layers, rows, slots, heads, head dim): rows like the batch, heads like the params.
+CACHE_AXES = ("layers", "batch", None, "heads", "kv")
 # train.remat -> what each scanned layer keeps for the backward pass (the rest is recomputed).
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -398,6 +400,7 @@ class Transformer(nnx.Module):
         """An empty cache of `length` slots per row, in the compute dtype."""
         n_layers, _, heads, head_dim = self.blocks.attn.k.kernel.shape
         zeros = jnp.zeros((n_layers, batch, length, heads, head_dim), self.blocks.attn.k.dtype)
+        zeros = constrain(zeros, CACHE_AXES)
         return KVCache(zeros, zeros)
 
     def head(self, x_BxLxD: Array) -> Array:

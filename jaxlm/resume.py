@@ -10,8 +10,6 @@ line and nothing touched, `--force-resume` or not.
 
 from __future__ import annotations
 
-import shutil
-import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -156,10 +154,9 @@ def _resume(checkpointer: Checkpointer, step: int, setup: Setup, new_iterator: C
 
 
 def _set_aside(checkpointer: Checkpointer, run: RunDir, step: int, why: str, log: Log) -> None:
-    target = run.quarantine / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = "quarantine/"
     if jax.process_index() == 0:  # one mover; the others wait for it
-        run.quarantine.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(checkpointer.step_dir(step)), target)
+        target = run.set_checkpoint_aside(checkpointer.step_dir(step), step)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"jaxlm-quarantine-{step}")
     checkpointer.reload()

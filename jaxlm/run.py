@@ -8,24 +8,28 @@ Layout of `<run_dir>`:
                          special_tokens_map.json, if it has them)
   labels.json            classify: the class names by id
   metrics.jsonl          one JSON record per logged step and per eval
+  curves.png             train/eval loss, learning rate and tokens/s against step, redrawn at each eval
   metrics.<time>.jsonl   history of an earlier start that restored no checkpoint, kept aside
   tensorboard/           the same scalars as TensorBoard events (tensorboard.<time>/ kept aside)
   checkpoints/<step>/    Orbax checkpoints
   quarantine/<step>-<time>/  unreadable checkpoints, moved aside, never deleted
-  .lock                  held (flock) by process 0 of the job training this run
+  .lock                  held (flock; on gs:// a lock object) by process 0 of the job training this run
+
+The directory may be local or on an object store (gs://...): every file goes through `jaxlm.storage`,
+which says how writes, moves, appends and the lock work without rename, append or flock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
-import shutil
 import socket
 import sys
+import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -35,12 +39,15 @@ from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
+from jaxlm import storage
 from jaxlm.checkpoint import Checkpointer, CheckpointDamaged
 from jaxlm.config import CheckpointConfig, Config
 from jaxlm.data import label_names
 from jaxlm.errors import UserError
+from jaxlm.sharding import fit_axes
 from jaxlm.state import Setup, make_setup
-from jaxlm.tokenizer import (HF_PREFIX, Tokenizer, load_tokenizer, spec_for_copy, tokenizer_file,
+from jaxlm.storage import Path
+from jaxlm.tokenizer import (CONFIG_FILES as TOKENIZER_CONFIGS, HF_PREFIX, Tokenizer, load_tokenizer, spec_for_copy, tokenizer_file,
                              tokenizer_files)
 
 Log = Callable[[str], None]
@@ -50,11 +57,19 @@ def warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def run_path(text: str | os.PathLike) -> Path:
+    """The path of a run directory (or a file beside it) as given: local or gs://."""
+    return storage.path(text)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDir:
     """Paths of one run directory and the file operations that keep them consistent."""
 
     root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", storage.path(self.root))  # one type, local or gs://
 
     @property
     def config(self) -> Path:
@@ -74,6 +89,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "curves.png"
 
     @property
     def tensorboard(self) -> Path:
@@ -105,33 +124,94 @@ class RunDir:
             ) from None
 
     def write_config(self, cfg: Config) -> None:
-        _write_atomically(self.config, yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False).encode())
+        storage.write_whole(self.config, yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False).encode())
 
     def keep_tokenizer(self, cfg: Config) -> None:
         """Copies the tokenizer's files into the run so its checkpoints are self-contained; a run
         resumed with a different tokenizer is refused (its ids would mean other text)."""
-        sources = tokenizer_files(cfg.data.tokenizer)
-        if not sources:
+        pairs = self._tokenizer_pairs(cfg.data.tokenizer)
+        if pairs and not pairs[0][1].exists():
+            for source, target in pairs:
+                storage.write_whole(target, source.read_bytes())
             return
-        copy = self.tokenizer_copy(cfg.data.tokenizer)
-        copies = [copy, *(self.root / extra.name for extra in sources[1:])]  # hf: configs beside it
-        if not copy.exists():
-            for source, target in zip(sources, copies):
-                _write_atomically(target, source.read_bytes())
-            return
-        for source, target in zip(sources, copies):
+        differs = self.tokenizer_mismatch(cfg.data.tokenizer)
+        if differs:
+            raise UserError(f"{differs}; put that one back or start a new train.run_dir")
+
+    def tokenizer_mismatch(self, spec: str) -> str:
+        """'' if tokenizer `spec`'s files equal the run's copies (or there are none yet), else
+        which file differs."""
+        pairs = self._tokenizer_pairs(spec)
+        if not pairs or not pairs[0][1].exists():
+            return ""
+        for source, target in pairs:
             if not target.exists() or target.read_bytes() != source.read_bytes():
-                raise UserError(
-                    f"tokenizer file {source} differs from the one this run was trained with "
-                    f"({target}); put that one back (cp {target} {source}) or start a new "
-                    "train.run_dir"
-                )
+                return (f"tokenizer file {source} differs from the one this run was trained with "
+                        f"({target})")
+        return ""
+
+    def _tokenizer_pairs(self, spec: str) -> list[tuple[Path, Path]]:
+        """(tokenizer file, the run's copy of it); hf: configs are copied beside tokenizer.json."""
+        sources = tokenizer_files(spec)
+        if not sources:
+            return []
+        copies = [self.tokenizer_copy(spec), *(self.root / extra.name for extra in sources[1:])]
+        return list(zip(sources, copies))
+
+    def local_tokenizer(self, copy: Path) -> Path:
+        """The run's tokenizer copy as a local file (SentencePiece and `tokenizers` read local
+        files only): itself, or for gs:// a copy (with its companion configs) in a temporary
+        directory named by their content."""
+        if not storage.is_remote(copy):
+            return copy
+        files = [copy, *(f for f in (self.root / n for n in TOKENIZER_CONFIGS) if f.exists())]
+        contents = [f.read_bytes() for f in files]
+        local = storage.path(tempfile.gettempdir()) / "jaxlm-tokenizers" / (
+            hashlib.sha256(b"\0".join(contents)).hexdigest()[:16])
+        if not (local / copy.name).exists():
+            local.mkdir(parents=True, exist_ok=True)
+            for f, data in zip(files, contents):
+                storage.write_whole(local / f.name, data)
+        return local / copy.name
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl; a torn line (a run killed mid-write) is left out."""
+        if not self.metrics.exists():
+            raise UserError(f"{self.root} has no metrics.jsonl; pass the run_dir of a `jaxlm train` run")
+        records = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def draw_curves(self, log: Log) -> None:
+        """Redraws curves.png from the metrics. A failed write only warns: the curves are derived
+        from metrics.jsonl, which is intact."""
+        from jaxlm.plot import render  # matplotlib is imported once a run first evaluates
+
+        try:
+            storage.write_whole(self.curves, render({self.root.name: self.read_metrics()}))
+        except OSError as err:
+            log(f"warning: could not write {self.curves} ({err.strerror or err})")
+
+    def size(self, path: Path) -> int:
+        """Bytes of a file, or of all files under a directory."""
+        return storage.size(path)
+
+    def set_checkpoint_aside(self, step_dir: Path, step: int) -> Path:
+        """Moves an unreadable checkpoint to quarantine/<step>-<time> (never deleted)."""
+        target = self.quarantine / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.quarantine.mkdir(parents=True, exist_ok=True)
+        storage.move(step_dir, target)
+        return target
 
     def keep_labels(self, names: list[str]) -> None:
         """Saves a classifier's class names by id; a resume whose data numbers them otherwise is
         refused (the head's outputs would mean other classes)."""
         if not self.labels.exists():
-            _write_atomically(self.labels, json.dumps(names).encode())
+            storage.write_whole(self.labels, json.dumps(names).encode())
         elif self.read_labels() != names:
             raise UserError(f"the labels of the data ({names}) differ from the ones this run was "
                             f"trained with ({self.read_labels()}); start a new train.run_dir")
@@ -148,26 +228,21 @@ class RunDir:
         moved = []
         for path, kept in ((self.metrics, self.root / f"metrics.{stamp}.jsonl"),
                            (self.tensorboard, self.root / f"tensorboard.{stamp}")):
-            if path.exists() and (path.is_dir() or path.stat().st_size):
-                path.rename(kept)
+            if path.exists() and (path.is_dir() or path.stat().length):
+                storage.move(path, kept)
                 moved.append(kept.name)
         if moved:
             log(f"no checkpoint was restored: the earlier history is kept as {' and '.join(moved)}")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_bytes(data)
-    partial.replace(path)
-
-
 class RunLock:
     """One job at a time writes a run: process 0 holds an exclusive flock on `<run>/.lock` (the
     kernel drops it when the process dies, so a killed run's lock is free at once) and tells the
-    other processes of its job whether it got it. The holder's host and pid are in the file."""
+    other processes of its job whether it got it. The holder's host and pid are in the file.
+    On gs:// it is a lock object instead (`storage.ObjectLock`)."""
 
     def __init__(self, run: RunDir):
-        self.run, self._file = run, None
+        self.run, self._file, self._object = run, None, None
 
     def __enter__(self) -> "RunLock":
         holder = self._take() if jax.process_index() == 0 else ""
@@ -183,6 +258,13 @@ class RunLock:
 
     def _take(self) -> str:
         """'' once the lock is held here, else a description of its holder."""
+        info = {"host": socket.gethostname(), "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if storage.is_remote(self.run.lock):
+            self._object = storage.ObjectLock(self.run.lock)
+            holder = self._object.acquire(info)
+            return "" if holder is None else (f"{_holder(json.dumps(holder))} (if that job is gone, "
+                                              f"delete {self.run.lock})")
         lock = open(self.run.lock, "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -192,8 +274,7 @@ class RunLock:
             lock.close()
             return holder
         lock.truncate(0)
-        lock.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                               "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        lock.write(json.dumps(info))
         lock.flush()
         self._file = lock
         return ""
@@ -202,6 +283,8 @@ class RunLock:
         if self._file is not None:
             self._file.close()  # closing releases the flock
             self._file = None
+        if self._object is not None:
+            self._object.release()
 
 
 def _holder(text: str) -> str:
@@ -256,15 +339,14 @@ def read_only_checkpointer(run: RunDir) -> Checkpointer:
 
 
 def saved_config(checkpointer: Checkpointer, run: RunDir, step: int, overrides: list[str] = (),
-                 mesh_from_saved: bool = False) -> Config:
-    """The config a checkpoint was trained with, its tokenizer the run's own copy; the mesh is
-    data-parallel over the devices here unless `mesh_from_saved`."""
+                 device_count: int = 1) -> Config:
+    """The config a checkpoint was trained with, its tokenizer the run's own copy, its mesh fitted
+    to `device_count` devices (sharding.fit_axes; `overrides` of mesh.axes apply after that)."""
     raw = checkpointer.restore_config_dict(step)
-    if not mesh_from_saved:
-        raw["mesh"]["axes"] = {name: 1 for name in raw["mesh"]["axes"]} | {"data": -1}
+    raw["mesh"]["axes"] = fit_axes(raw["mesh"]["axes"], device_count)
     copy = run.tokenizer_copy(raw["data"]["tokenizer"])
     if copy is not None and copy.exists():
-        raw["data"]["tokenizer"] = spec_for_copy(raw["data"]["tokenizer"], copy)
+        raw["data"]["tokenizer"] = spec_for_copy(raw["data"]["tokenizer"], run.local_tokenizer(copy))
     for assignment in overrides:
         config_lib.apply_override(raw, assignment)
     cfg = config_lib.from_dict(Config, raw)
@@ -287,10 +369,11 @@ def load_run(
     host: bool = False,
 ) -> tuple[Config, Setup, Any, int]:
     """Config, setup and params of a run's checkpoint (default: the newest readable one, with a
-    warning for each unreadable one skipped; nothing is moved), laid out data-parallel on
-    `devices` (default: all), since the run's own mesh may not fit here (`host`: as numpy arrays,
-    placed on no device)."""
-    run = RunDir(Path(run_dir))
+    warning for each unreadable one skipped; nothing is moved), restored in their shards on the
+    run's own mesh fitted to `devices` (default: all), so a model bigger than one device loads
+    (`host`: as numpy arrays, placed on no device)."""
+    run = RunDir(run_path(run_dir))
+    devices = devices if devices is not None else jax.devices()
     checkpointer = read_only_checkpointer(run)
     steps = sorted(checkpointer.all_steps(), reverse=True)
     if step is not None and step not in steps:
@@ -298,7 +381,7 @@ def load_run(
     try:
         for candidate in [step] if step is not None else steps:
             try:
-                cfg = saved_config(checkpointer, run, candidate, overrides)
+                cfg = saved_config(checkpointer, run, candidate, overrides, len(devices))
                 setup = make_setup(cfg, devices)
                 return cfg, setup, checkpointer.restore_params(candidate, setup, host), candidate
             except CheckpointDamaged as err:

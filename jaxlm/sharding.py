@@ -63,6 +63,22 @@ def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
     )
 
 
+def fit_axes(axes: dict[str, int], device_count: int) -> dict[str, int]:
+    """Mesh axes like `axes` for `device_count` devices (a run's mesh where it is read back).
+
+    Each fixed size keeps its largest divisor that still fits the devices left, in order, so
+    model-parallel axes survive where they can; the axis that was -1 (else the first) takes the
+    remaining devices. Sizes only shrink to divisors, so params that split before still split.
+    """
+    rest = next((name for name, size in axes.items() if size == -1), next(iter(axes)))
+    fitted, left = {}, device_count
+    for name, size in axes.items():
+        if name != rest:
+            fitted[name] = math.gcd(size, left)
+            left //= fitted[name]
+    return {name: fitted.get(name, left) for name in axes}
+
+
 def axis_rules(cfg: MeshConfig, mesh: Mesh) -> tuple[tuple[str, Any], ...]:
     """Logical -> mesh rules in the form `nnx.logical_axis_rules` takes."""
     rules = []

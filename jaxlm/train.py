@@ -22,7 +22,7 @@ from jaxlm.metrics import MetricsLog
 from jaxlm.objectives import example_fn, record_encoder
 from jaxlm.preemption import StopRequest
 from jaxlm.resume import initial_state
-from jaxlm.run import RunDir, RunLock, open_run, warn
+from jaxlm.run import RunDir, RunLock, open_run, run_path, warn
 from jaxlm.sharding import batch_shards, global_batch
 from jaxlm.state import Setup, make_train_step
 
@@ -53,7 +53,7 @@ def train(
     step under way (during setup they stop at once). `force_resume` accepts config changes that
     would alter the experiment. `devices` (default: all) lets a process train on part of its devices.
     """
-    run = RunDir(cfg.run_dir)
+    run = RunDir(run_path(cfg.train.run_dir or cfg.run_dir))
     with StopRequest() as stop, contextlib.ExitStack() as cleanup:
         run.prepare()
         cleanup.enter_context(RunLock(run))
@@ -117,7 +117,7 @@ def _start(cfg: Config, run: RunDir, devices: list[jax.Device] | None, force_res
     if is_main and (resumed or cfg.init_from):
         print(f"resuming from step {start} in {checkpointer.directory}" if resumed
               else f"initialized params from {cfg.init_from}", flush=True)
-    return _Job(cfg=cfg, setup=setup, evaluator=evaluator, checkpointer=checkpointer,
+    return _Job(cfg=cfg, run=run, setup=setup, evaluator=evaluator, checkpointer=checkpointer,
                 dataset=dataset, start=start, state=state, train_iter=train_iter)
 
 
@@ -165,7 +165,10 @@ def _steps(job: _Job, end: int, stop: StopRequest, show_progress: bool,
                                 mfu=f"{pending.mfu:.1%}", refresh=False)
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
             final_eval = job.evaluator(state["params"], cfg.train.eval_batches)
-            log.write([{"step": step, **{f"eval_{k}": v for k, v in final_eval.items()}}])
+            log.write([{"step": step, **{f"eval_{k}": v for k, v in final_eval.items()},
+                        "time": time.time()}])
+            if jax.process_index() == 0:
+                job.run.draw_curves(warn)
             measure = (f"bits/byte {final_eval['bits_per_byte']:.4f}" if "bits_per_byte" in final_eval
                        else f"accuracy {final_eval['accuracy']:.4f}")  # classify
             bar.write(f"step {step}: eval loss {final_eval['loss']:.4f}, {measure}")
@@ -250,6 +253,7 @@ def _record(step: int, m: dict[str, Any]) -> dict[str, Any]:
         "lr": float(m["lr"]),
         "nonfinite": bool(m["nonfinite"]),
         **_nsp_record(m),
+        "time": time.time(),  # when fetched (wall time of the run: `jaxlm inspect`)
     }
 
 

@@ -139,3 +139,21 @@ def hf_bert(tmp_path_factory) -> Path:
     from hf_tokenizer_files import wordpiece_bert
 
     return wordpiece_bert(tmp_path_factory.mktemp("hf_bert"))
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tmp_path_factory, corpus, cache_dir) -> dict[str, Path]:
+    """Two finished runs for reports: 'finished' in one session, 'resumed' stopped at step 3 and
+    continued to 6 with another learning rate (checkpoints 3 and 6, an eval at each)."""
+    from jaxlm.train import train
+
+    root = tmp_path_factory.mktemp("finished_runs")
+    runs = {}
+    for name, lr in (("finished", 3e-3), ("resumed", 1e-2)):
+        cfg = tiny_config(corpus, cache_dir, root / name, eval_every=3)
+        cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, learning_rate=lr))
+        if name == "resumed":
+            train(cfg, show_progress=False, stop_at=3)
+        train(cfg, show_progress=False)
+        runs[name] = root / name
+    return runs
