@@ -118,19 +118,16 @@ def _skip_closed_loop_error(kind: type, exc: BaseException, tb: Any, previous: C
         previous(kind, exc, tb)
 
 
-def _ignore_closed_loops() -> None:
-    """When a read or write fails, TensorStore's callbacks still call into Orbax's event loop after
-    it closed, from other threads, and Python prints each as a traceback (through these hooks);
-    that one error says nothing to the user, so it is dropped. Installed once per process."""
+def _quiet_orbax_leftovers() -> None:
+    """When a read or write fails, Orbax's other asyncio tasks of that operation log the same
+    storage error as "never retrieved", and TensorStore's callbacks still call into Orbax's event
+    loop after it closed, from other threads (Python prints each through these hooks). The run
+    reports the failure once, in one line, so both are dropped. Installed once per process."""
     if getattr(sys.excepthook, "func", None) is _skip_closed_loop_error:
         return
+    logging.getLogger("asyncio").addFilter(_StorageErrors())
     sys.unraisablehook = functools.partial(_skip_closed_loop_unraisable, previous=sys.unraisablehook)
     sys.excepthook = functools.partial(_skip_closed_loop_error, previous=sys.excepthook)
-
-
-def _quiet_leftovers() -> None:
-    """Once a read or write failed, its leftover asyncio futures do not log the error again."""
-    logging.getLogger("asyncio").addFilter(_StorageErrors())
 
 
 class Checkpointer:
@@ -149,7 +146,7 @@ class Checkpointer:
         self._manager._maybe_await_cleanup_tmp_directory()  # a directory listing: quick
         self._unconfirmed: int | None = None  # the last step saved, until it is seen committed
         self._errors = _StorageErrors()
-        _ignore_closed_loops()
+        _quiet_orbax_leftovers()
         logging.getLogger("absl").addFilter(self._errors)
 
     # ------------------------------------------------------------ writing
@@ -193,14 +190,18 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until the last save is written; raises CheckpointWriteFailed if it was not."""
-        self._manager.wait_until_finished()
+        if self._unconfirmed is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - narrowed to storage errors by the call below
+            self._raise_write_failure(self._unconfirmed, err)
         self.check_saves()
 
     def _raise_write_failure(self, step: int, err: BaseException | None) -> None:
         cause = storage_failure(err) if err is not None else None
         if err is not None and cause is None:
             raise err  # not a storage problem: a bug, with its traceback
-        _quiet_leftovers()
         why = first_line(cause) if cause is not None else "the save did not complete"
         earlier = [s for s in self._manager.all_steps() if s < step]
         kept = (f"checkpoint {max(earlier)} in {self.directory} is intact" if earlier
@@ -284,7 +285,6 @@ class Checkpointer:
         cause = data_loss(err)
         if cause is None:
             raise err
-        _quiet_leftovers()
         raise CheckpointDamaged(first_line(cause)) from err
 
     # ------------------------------------------------------------ the directory
@@ -306,10 +306,15 @@ class Checkpointer:
     def close(self) -> None:
         """Waits for the last async save; raises CheckpointWriteFailed if it was not written."""
         try:
-            self.check_saves()
+            self.wait()
         finally:
-            self._manager.close()
-            logging.getLogger("absl").removeFilter(self._errors)
+            try:
+                self._manager.close()
+            except Exception as err:  # noqa: BLE001 - a storage error here was reported by wait()
+                if storage_failure(err) is None:
+                    raise
+            finally:
+                logging.getLogger("absl").removeFilter(self._errors)
 
 
 def _check_same_shapes(step: int, part: str, saved: dict[str, tuple], wanted: dict[str, tuple]) -> None:
