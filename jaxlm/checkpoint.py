@@ -252,10 +252,7 @@ class Checkpointer:
 
     def saved_mesh(self, step: int) -> dict[str, int]:
         """{axis: size} of the mesh checkpoint `step`'s params were written from."""
-        try:
-            saved = ocp.StandardCheckpointHandler().metadata(self.step_dir(step) / "params")
-        except Exception as err:  # noqa: BLE001 - narrowed by data_loss just below
-            self._raise_read_failure(step, err)
+        saved = self._metadata(step, "params")
         leaf = jax.tree.leaves(saved, is_leaf=lambda x: hasattr(x, "sharding"))[0]
         return dict(zip(leaf.sharding.axis_names, map(int, leaf.sharding.shape)))
 
@@ -268,12 +265,15 @@ class Checkpointer:
                 "another layout; start a new train.run_dir"
             )
         target = setup.abstract_sharded(part)
+        _check_same_shapes(step, part, shapes(self._metadata(step, part)), shapes(target))
+        return ocp.args.StandardRestore(target)
+
+    def _metadata(self, step: int, part: str) -> Any:
+        """Orbax's saved tree of one state item (shapes, dtypes, shardings); no array is read."""
         try:
-            saved = ocp.StandardCheckpointHandler().metadata(directory)
+            return ocp.StandardCheckpointHandler().metadata(self.step_dir(step) / part)
         except Exception as err:  # noqa: BLE001 - narrowed by data_loss just below
             self._raise_read_failure(step, err)
-        _check_same_shapes(step, part, shapes(saved), shapes(target))
-        return ocp.args.StandardRestore(target)
 
     def _read(self, step: int, items: dict[str, Any]) -> Any:
         try:

@@ -29,10 +29,10 @@ def inspect_run(run_dir: str, config: Path | None = None, overrides: list[str] =
     checkpointer = read_only_checkpointer(run)
     try:
         steps = sorted(checkpointer.all_steps())
-        step, cfg, unreadable = _newest_readable(checkpointer, run, steps)
+        step, cfg, saved_mesh, unreadable = _newest_readable(checkpointer, run, steps)
         params = sum(math.prod(x.shape) for x in jax.tree.leaves(
             make_setup(cfg, jax.devices()[:1]).abstract["params"]))
-        mesh = " x ".join(f"{k}={v}" for k, v in checkpointer.saved_mesh(step).items())
+        mesh = " x ".join(f"{k}={v}" for k, v in saved_mesh.items())
         sizes = ", ".join(f"{s} ({run.size(checkpointer.step_dir(s)) / 2**20:,.1f} MiB)" for s in steps)
         lines = [
             ("run", str(run.root)),
@@ -49,12 +49,15 @@ def inspect_run(run_dir: str, config: Path | None = None, overrides: list[str] =
     return [f"{key:<12} {value}" for key, value in lines]
 
 
-def _newest_readable(checkpointer: Checkpointer, run: RunDir, steps: list[int]) -> tuple[int, Config, str]:
-    """(step, config) of the newest checkpoint whose config reads, and which newer ones did not."""
+def _newest_readable(checkpointer: Checkpointer, run: RunDir,
+                     steps: list[int]) -> tuple[int, Config, dict[str, int], str]:
+    """(step, config, saved mesh) of the newest checkpoint whose config and params metadata read,
+    and which newer ones did not."""
     unreadable = []
     for step in reversed(steps):
         try:
-            return step, saved_config(checkpointer, run, step), ", ".join(unreadable)
+            cfg = saved_config(checkpointer, run, step)
+            return step, cfg, checkpointer.saved_mesh(step), ", ".join(unreadable)
         except CheckpointDamaged as err:
             unreadable.append(f"{step} ({err})")
     raise UserError(f"no checkpoint in {run.checkpoints} is readable ({'; '.join(unreadable)})")

@@ -1,6 +1,9 @@
 """`jaxlm inspect RUN`: one screen about a finished, a resumed and a checkpoint-less run."""
 
+import shutil
+
 import pytest
+from conftest import snapshot
 
 from jaxlm.cli import main
 
@@ -46,3 +49,17 @@ def test_a_directory_without_checkpoints_is_a_one_line_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"jaxlm: error: {tmp_path} holds no checkpoints; pass the run_dir of a `jaxlm train` run"
+
+
+def test_a_damaged_newest_checkpoint_is_reported_and_left_in_place(finished_runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_runs["finished"], run)
+    for path in (run / "checkpoints" / "6" / "params").rglob("*"):
+        if path.is_file() and "/d/" in str(path):
+            path.write_bytes(path.read_bytes()[:10])
+    before = snapshot(run)
+    report = _report(capsys, run)
+    assert "unreadable: 6 (OUT_OF_RANGE" in report["checkpoints"]
+    assert report["tokens seen"].startswith("768 at checkpoint 3")
+    assert report["resume"].startswith("yes, from step 3 with")
+    assert snapshot(run) == before
