@@ -15,7 +15,7 @@ from jaxlm.checkpoint import Checkpointer, CheckpointDamaged
 from jaxlm.config import Config, load_config
 from jaxlm.data import dataset_manifest
 from jaxlm.errors import UserError
-from jaxlm.resume import check_resumable, dataset_changes
+from jaxlm.resume import resume_plan
 from jaxlm.run import RunDir, read_only_checkpointer, resolve, run_path, saved_config
 from jaxlm.sharding import fit_axes
 from jaxlm.state import make_setup
@@ -106,10 +106,8 @@ def _resume_verdict(run: RunDir, checkpointer: Checkpointer, step: int, config: 
     try:
         cfg = load_config(source, overrides)
         cfg = resolve(cfg, load_tokenizer(cfg.data.tokenizer))
-        accepted = check_resumable(checkpointer.restore_config_dict(step), cfg, step, force=False)
-        changed = dataset_changes(checkpointer.restore_dataset(step), dataset_manifest(cfg.data))
-        if changed:
-            return f"no: the corpus changed since checkpoint {step} ({changed})"
+        accepted, _ = resume_plan(checkpointer, step, cfg, dataset_manifest(cfg.data, cfg.objective),
+                                  force=False)
         _check_tokenizer(run, cfg)
         one_device = dataclasses.replace(cfg.mesh, axes=fit_axes(cfg.mesh.axes, 1))
         checkpointer.check_fits(step, make_setup(dataclasses.replace(cfg, mesh=one_device),

@@ -127,13 +127,14 @@ def initial_state(
     return 0, state, new_iterator(), False
 
 
-def _resume(checkpointer: Checkpointer, step: int, setup: Setup, new_iterator: Callable[[], Iterator],
-            dataset: dict[str, Any] | None, force: bool, log: Log) -> tuple[State, Iterator]:
-    """Restores checkpoint `step`; what changed is reported once the restore has succeeded."""
+def resume_plan(checkpointer: Checkpointer, step: int, cfg: Config, dataset: dict[str, Any] | None,
+                force: bool) -> tuple[list[str], list[str]]:
+    """(accepted config changes, why the data stream restarts) for resuming checkpoint `step`
+    with `cfg`; raises UserError where the run would change (config or corpus) unless `force`.
+    Reads the checkpoint's config and dataset manifest only."""
     saved = checkpointer.restore_config_dict(step)
-    notes = [f"config change accepted on resume: {c}"
-             for c in check_resumable(saved, setup.cfg, step, force)]
-    restart = [k for k in config_changes(saved, setup.cfg)
+    accepted = check_resumable(saved, cfg, step, force)
+    restart = [k for k in config_changes(saved, cfg)
                if k.startswith(DATA_LAYOUT) and not k.startswith(SAFE_TO_CHANGE)]
     changed = dataset_changes(checkpointer.restore_dataset(step), dataset)
     if changed and not force:
@@ -144,6 +145,14 @@ def _resume(checkpointer: Checkpointer, step: int, setup: Setup, new_iterator: C
         )
     if changed:
         restart.append(f"corpus: {changed}")
+    return accepted, restart
+
+
+def _resume(checkpointer: Checkpointer, step: int, setup: Setup, new_iterator: Callable[[], Iterator],
+            dataset: dict[str, Any] | None, force: bool, log: Log) -> tuple[State, Iterator]:
+    """Restores checkpoint `step`; what changed is reported once the restore has succeeded."""
+    accepted, restart = resume_plan(checkpointer, step, setup.cfg, dataset, force)
+    notes = [f"config change accepted on resume: {change}" for change in accepted]
     if restart:  # only with --force-resume: the saved position belongs to other data
         notes.append(f"the data stream restarts from its beginning ({', '.join(restart)} changed)")
     iterator = new_iterator()
