@@ -18,6 +18,7 @@ tensorboardX's event files).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from typing import Any
@@ -28,6 +29,9 @@ from jaxlm.errors import UserError
 
 Path = epath.Path
 GCS_EXTRA = 'pip install -e ".[gcs]"'
+# gcsfs logs every request that ran out of retries with its traceback, then raises the same error,
+# which jaxlm reports in one line (e.g. "run directory gs://... is not writable (...)").
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 def path(text: str | os.PathLike) -> Path:
