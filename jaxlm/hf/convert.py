@@ -8,8 +8,12 @@ Shape legend: D d_model, H heads, K head dim, V vocab.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -159,3 +163,20 @@ def check_names(family: Family, rules: list[Rule], n_layers: int, available: set
 def _listed(label: str, names: list[str]) -> str:
     more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
     return f"{label} {', '.join(names[:5])}{more}"
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, verb: str) -> Iterator[Path]:
+    """A hidden directory beside `out` to write into, renamed to `out` only when the block
+    succeeds: nothing half-written ever appears at `out`, and a non-empty `out` is refused."""
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; choose a new directory")
+    staging = out.absolute().parent / f".{out.name}.{verb}-{os.getpid()}"
+    try:
+        staging.mkdir(parents=True)
+        yield staging
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -5,7 +5,6 @@ unexpected weights."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 
 from jaxlm.config import Config
 from jaxlm.errors import UserError
-from jaxlm.hf.convert import VOCAB_AXIS, expand, family_for_run
+from jaxlm.hf.convert import VOCAB_AXIS, expand, family_for_run, staged_output
 from jaxlm.hf.importer import TOKENIZER_FILES, _flat
 from jaxlm.hf.safetensors_io import ShardedWriter
 from jaxlm.tokenizer import load_tokenizer
@@ -42,16 +41,12 @@ def export_run(run_dir: Path, step: int | None, out: Path, dtype: str,
     nothing appears at `out` unless all of it succeeded."""
     from jaxlm.run import load_run
 
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; choose a new directory")
-    cfg, _, params, step = load_run(run_dir, step, devices=jax.devices()[:1], host=True)
-    params = _flat(params)  # the only reference: each array is freed once written
-    family = family_for_run(cfg.model, cfg.objective)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    vocab = exported_vocab(cfg.model.vocab_size, tokenizer.vocab_size)
-    staging = out.absolute().parent / f".{out.name}.exporting-{os.getpid()}"
-    try:
-        staging.mkdir(parents=True)
+    with staged_output(out, "exporting") as staging:
+        cfg, _, params, step = load_run(run_dir, step, devices=jax.devices()[:1], host=True)
+        params = _flat(params)  # the only reference: each array is freed once written
+        family = family_for_run(cfg.model, cfg.objective)
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        vocab = exported_vocab(cfg.model.vocab_size, tokenizer.vocab_size)
         _write_tensors(cfg, params, vocab, DTYPES[dtype], ShardedWriter(staging, max_shard_bytes))
         hf_config = {**family.config_to_hf(cfg.model, cfg.objective), "vocab_size": vocab,
                      "dtype": dtype, **_special_ids(tokenizer)}
@@ -61,11 +56,6 @@ def export_run(run_dir: Path, step: int | None, out: Path, dtype: str,
         for name in TOKENIZER_FILES:
             if (run_dir / name).exists():
                 shutil.copyfile(run_dir / name, staging / name)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

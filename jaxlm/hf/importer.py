@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,7 +15,7 @@ import numpy as np
 from jaxlm.config import (CheckpointConfig, Config, DataConfig, ModelConfig, TrainConfig,
                           save_yaml, validate)
 from jaxlm.errors import UserError
-from jaxlm.hf.convert import Family, check_names, expand, family_for_hf
+from jaxlm.hf.convert import Family, check_names, expand, family_for_hf, staged_output
 from jaxlm.hf.safetensors_io import HfTensors
 from jaxlm.state import Setup, make_setup
 from jaxlm.tokenizer import ByteTokenizer
@@ -116,8 +115,6 @@ def import_hf(directory: Path, out: Path, objective: str | None = None) -> Confi
     from HF model `directory`; nothing appears at `out` unless all of it succeeded."""
     from jaxlm.checkpoint import Checkpointer
 
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; choose a new run directory")
     family, model, objective = hf_model_config(read_hf_config(directory), objective)
     out = out.absolute()
     if (directory / "tokenizer.json").exists():
@@ -133,10 +130,8 @@ def import_hf(directory: Path, out: Path, objective: str | None = None) -> Confi
     validate(cfg)
     # On one device: each param moves there as soon as it is converted and its host copy is
     # freed (Orbax copies a tree of host arrays once more when saving). Any mesh restores it.
-    params = load_params(directory, family, objective, make_setup(cfg, jax.devices()[:1]))
-    staging = out.parent / f".{out.name}.importing-{os.getpid()}"
-    try:
-        staging.mkdir(parents=True)
+    with staged_output(out, "importing") as staging:
+        params = load_params(directory, family, objective, make_setup(cfg, jax.devices()[:1]))
         checkpointer = Checkpointer(staging / "checkpoints", CheckpointConfig(async_save=False))
         checkpointer.save(0, {"params": params}, None, cfg)
         checkpointer.close()
@@ -144,9 +139,4 @@ def import_hf(directory: Path, out: Path, objective: str | None = None) -> Confi
             if (directory / name).exists():
                 shutil.copyfile(directory / name, staging / name)
         save_yaml(cfg, staging / "config.yaml")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return cfg
