@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenizer tools.",
     )
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True,
-                                                  metavar="ACTION")
+                                                  metavar="ACTION", help="train: a new model")
     train_tok = tokenizer_commands.add_parser(
         "train",
         help="train a SentencePiece model and write it where data.tokenizer points",

@@ -103,10 +103,12 @@ def test_mlm_with_sentencepiece_pretrain_eval_fill_mask_and_finetune(tmp_path, c
     assert "differs from the one this run was trained with" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "generate", "fill-mask", "predict"])
+COMMANDS = next(a for a in build_parser()._actions if a.dest == "command").choices
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_explains_every_flag(command, capsys):
-    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
-    for action in subparsers.choices[command]._actions:
+    for action in COMMANDS[command]._actions:
         assert action.help, f"{command} {action.option_strings} has no help text"
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
