@@ -28,9 +28,7 @@ def params_from(spec: str, setup: Setup, fresh: Any | None = None) -> Any:
     not is named in the error. `hf:DIR` reads a Hugging Face checkpoint instead.
     """
     if spec.startswith(HF_PREFIX):
-        from jaxlm.hf.importer import params_from_hf
-
-        return params_from_hf(Path(spec[len(HF_PREFIX):]).expanduser(), setup)
+        return _params_from_hf(Path(spec[len(HF_PREFIX):]).expanduser(), setup, fresh)
     run_text, _, step_text = spec.rpartition("@") if "@" in spec else (spec, "", "")
     if step_text and not step_text.isdigit():
         raise UserError(f"init_from '{spec}' must look like RUN_DIR or RUN_DIR@STEP")
@@ -58,6 +56,17 @@ def params_from(spec: str, setup: Setup, fresh: Any | None = None) -> Any:
             raise UserError(f"{where}: the checkpoint is unreadable ({err}); name another step") from None
     finally:
         checkpointer.close()
+
+
+def _params_from_hf(directory: Path, setup: Setup, fresh: Any | None) -> Any:
+    from jaxlm.hf.importer import hf_source, params_from_hf
+
+    if setup.cfg.init_heads != "reinit":
+        return params_from_hf(directory, setup)
+    source_cfg, source_setup, source = hf_source(directory, setup)
+    _check_matches(f"init_from hf:{directory}", source_cfg, source_setup, setup, backbone_only=True)
+    fresh = init_state(setup)["params"] if fresh is None else fresh
+    return _backbone_from(source, fresh, setup)
 
 
 def _is_head(name: str) -> bool:

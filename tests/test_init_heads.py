@@ -72,3 +72,42 @@ def test_reinit_still_names_a_backbone_shape_mismatch(tmp_path, cache_dir, mlm_r
     _, _, setup = open_run(cfg)
     with pytest.raises(UserError, match=r"parameter 'blocks.mlp.down.kernel' has shape"):
         params_from(cfg.init_from, setup, init_state(setup)["params"])
+
+
+@pytest.fixture(scope="module")
+def hf_bert_dir(tmp_path_factory):
+    import hf_models
+
+    return hf_models.save(hf_models.build("bert"), tmp_path_factory.mktemp("hf") / "bert")
+
+
+def _hf_classify_cfg(tmp_path, cache_dir, corpus, hf_dir, init_heads):
+    from jaxlm.hf.importer import hf_model_config, read_hf_config
+
+    _, model, _ = hf_model_config(read_hf_config(hf_dir), None)
+    cfg = _classify_cfg(tmp_path, cache_dir, hf_dir, corpus, init_heads)
+    return dataclasses.replace(cfg, model=dataclasses.replace(model, dropout=0.1),
+                               init_from=f"hf:{hf_dir}")
+
+
+def test_reinit_from_hf_loads_the_bert_backbone_and_creates_the_classifier(
+        tmp_path, cache_dir, corpus, hf_bert_dir, capsys):
+    from jaxlm.hf.importer import import_hf
+
+    cfg = _hf_classify_cfg(tmp_path, cache_dir, corpus, hf_bert_dir, "reinit")
+    _, _, setup = open_run(cfg)
+    params = _flat(params_from(cfg.init_from, setup, init_state(setup)["params"]))
+    import_hf(hf_bert_dir, tmp_path / "imported")
+    source = _flat(load_run(tmp_path / "imported", 0)[2])
+    backbone = [k for k in source if not k.startswith("mlm_head")]
+    assert backbone and all(np.array_equal(params[k], source[k]) for k in backbone)
+    assert {k for k in params if k not in backbone} == {k for k in params if k.startswith("task_head")}
+    out = capsys.readouterr().out
+    assert "dropped mlm_head.bias" in out and "created task_head.out.bias" in out
+
+
+def test_strict_from_hf_refuses_a_model_without_that_head(tmp_path, cache_dir, corpus, hf_bert_dir):
+    cfg = _hf_classify_cfg(tmp_path, cache_dir, corpus, hf_bert_dir, "strict")
+    _, _, setup = open_run(cfg)
+    with pytest.raises(UserError, match="bert checkpoint has no classify head; set init_heads=reinit"):
+        params_from(cfg.init_from, setup)

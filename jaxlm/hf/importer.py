@@ -22,8 +22,10 @@ from jaxlm.tokenizer import ByteTokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
-# Keys that change neither param shapes nor the function the model computes.
-NUMERICS_ONLY = ("compute_dtype", "param_dtype", "attention")
+# Keys that change no param: the numerics, and dropout (training only).
+PARAMS_ALIKE = ("compute_dtype", "param_dtype", "attention", "dropout")
+# Keys only a task head depends on (init_heads: reinit creates that head fresh).
+HEAD_ONLY = ("num_labels",)
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
@@ -52,14 +54,41 @@ def params_from_hf(directory: Path, setup: Setup) -> Any:
 
     The HF model must be the one `setup.cfg.model` describes (as `jaxlm import` writes it); the
     first key that differs is named in the error."""
-    family, model, objective = hf_model_config(read_hf_config(directory), setup.cfg.objective)
-    for key in (f.name for f in dataclasses.fields(ModelConfig)):
-        ours, theirs = getattr(setup.cfg.model, key), getattr(model, key)
-        rope_window = key == "max_seq_len" and model.position_embedding == "rope"
-        if ours != theirs and key not in NUMERICS_ONLY and not rope_window:
-            raise UserError(f"init_from hf:{directory}: model.{key} is {theirs!r} there but "
-                            f"{ours!r} here; use the model section `jaxlm import` writes")
+    hf = read_hf_config(directory)
+    family = family_for_hf(hf)
+    if setup.cfg.objective not in family.objectives:
+        raise UserError(f"init_from hf:{directory}: a {family.model_type} checkpoint has no "
+                        f"{setup.cfg.objective} head; set init_heads=reinit to load its backbone "
+                        "and create the head fresh")
+    family, model, objective = hf_model_config(hf, setup.cfg.objective)
+    _check_model(directory, model, setup.cfg.model)
     return load_params(directory, family, objective, setup)
+
+
+def hf_source(directory: Path, setup: Setup) -> tuple[Config, Setup, Any]:
+    """For `init_heads: reinit`: the HF model's config (its own objective and heads, this run's
+    numerics), a setup of it on `setup`'s devices and its params there."""
+    hf = read_hf_config(directory)
+    family = family_for_hf(hf)
+    ours = setup.cfg.objective if setup.cfg.objective in family.objectives else None
+    family, model, objective = hf_model_config(hf, ours)
+    _check_model(directory, model, setup.cfg.model, heads=True)
+    model = dataclasses.replace(model, **{k: getattr(setup.cfg.model, k) for k in PARAMS_ALIKE})
+    source_cfg = dataclasses.replace(setup.cfg, objective=objective, model=model,
+                                     data=dataclasses.replace(setup.cfg.data, nsp=False))
+    source_setup = make_setup(source_cfg, list(setup.mesh.devices.flat))
+    return source_cfg, source_setup, load_params(directory, family, objective, source_setup)
+
+
+def _check_model(directory: Path, theirs: ModelConfig, ours: ModelConfig, heads: bool = False) -> None:
+    """Refuses a HF model whose backbone differs from `ours` (`heads`: the task head may too)."""
+    for key in (f.name for f in dataclasses.fields(ModelConfig)):
+        mine, hf = getattr(ours, key), getattr(theirs, key)
+        rope_window = key == "max_seq_len" and theirs.position_embedding == "rope"
+        head_only = heads and key in HEAD_ONLY
+        if mine != hf and key not in PARAMS_ALIKE and not rope_window and not head_only:
+            raise UserError(f"init_from hf:{directory}: model.{key} is {hf!r} there but "
+                            f"{mine!r} here; use the model section `jaxlm import` writes")
 
 
 def converted(directory: Path, family: Family, objective: str, model: ModelConfig,
