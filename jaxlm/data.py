@@ -20,12 +20,12 @@ import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 from absl import logging as absl_logging
 
-from jaxlm.config import DataConfig
+from jaxlm.config import Config, DataConfig
 from jaxlm.datasets import tasks as task_files
 from jaxlm.datasets.corpus import CorpusConfig, PythonStdlib, TextFiles
 from jaxlm.errors import UserError
 from jaxlm.objectives import ExampleFn
-from jaxlm.tasks import PACKED_KEYS, Encoder
+from jaxlm.tasks import PACKED_KEYS, TASK_OBJECTIVES, Encoder
 from jaxlm.tokenizer import Tokenizer, padding_id
 
 Example = dict[str, np.ndarray]
@@ -227,17 +227,25 @@ def stack_rows(rows: tuple[Example, ...] | list[Example]) -> Example:
     return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
 
-def empty_batch(rows: int, seq_len: int, pad_id: int, nsp: bool = False) -> Example:
+def empty_batch(rows: int, seq_len: int, pad_id: int, token_types: bool = False,
+                nsp: bool = False) -> Example:
     """All padding (segment 0, weight 0): counts for nothing. `pad_id`: see tokenizer.padding_id;
-    `nsp`: with the (zero-weight) next-sentence labels of mlm + data.nsp batches."""
+    `token_types`: with the segment A/B ids of task and NSP batches; `nsp`: with the (zero-weight)
+    next-sentence labels of mlm + data.nsp batches."""
     ints = np.full((rows, seq_len), pad_id, np.int32)
     names = ("inputs", "targets", "segment_ids", "positions")
     batch = {**{k: ints for k in names}, "weights": np.zeros((rows, seq_len), np.float32)}
+    if token_types or nsp:
+        batch["token_types"] = np.zeros((rows, seq_len), np.int32)
     if nsp:
-        batch.update(token_types=np.zeros((rows, seq_len), np.int32),
-                     nsp_targets=np.zeros((rows, seq_len), np.int32),
+        batch.update(nsp_targets=np.zeros((rows, seq_len), np.int32),
                      nsp_weights=np.zeros((rows, seq_len), np.float32))
     return batch
+
+
+def has_token_types(cfg: Config) -> bool:
+    """Whether `cfg`'s batches carry token types (task records and NSP pairs do)."""
+    return cfg.data.nsp or cfg.objective in TASK_OBJECTIVES
 
 
 def train_pipeline(
@@ -345,7 +353,8 @@ def pad_batch(batch: Example, rows: int, pad_id: int) -> Example:
     missing = rows - len(batch["inputs"])
     if missing == 0:
         return batch
-    pad = empty_batch(missing, batch["inputs"].shape[1], pad_id, nsp="nsp_targets" in batch)
+    pad = empty_batch(missing, batch["inputs"].shape[1], pad_id, "token_types" in batch,
+                      "nsp_targets" in batch)
     return {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
 
 

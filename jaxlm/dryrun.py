@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import Config
-from jaxlm.data import empty_batch
+from jaxlm.data import empty_batch, has_token_types
 from jaxlm.state import Setup, make_setup, make_train_step
 
 
@@ -43,7 +43,7 @@ def dry_run(cfg: Config, devices: list[jax.Device] | None = None,
     rows, length = cfg.train.batch_size, cfg.data.seq_len
     abstract_batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
-        for k, v in empty_batch(rows, length, pad_id=0, nsp=cfg.data.nsp).items()  # shapes only
+        for k, v in empty_batch(rows, length, 0, has_token_types(cfg), cfg.data.nsp).items()  # shapes only
     }
     abstract_state = setup.abstract_sharded()
     report = {

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm.data import empty_batch, eval_pipeline, pad_batch, stack_rows
+from jaxlm.data import empty_batch, eval_pipeline, has_token_types, pad_batch, stack_rows
 from jaxlm.errors import UserError
 from jaxlm.objectives import example_fn, record_encoder
 from jaxlm.sharding import batch_shards, global_batch
@@ -85,7 +85,8 @@ class Evaluator:
                 break
             if local is None:  # this process is done, others are not: join with padding
                 local = empty_batch(local_rows, self.setup.cfg.data.seq_len,
-                                    padding_id(self.tokenizer), nsp=self.setup.cfg.data.nsp)
+                                    padding_id(self.tokenizer), has_token_types(self.setup.cfg),
+                                    self.setup.cfg.data.nsp)
             batch = global_batch(local, self.setup.batch_sharding)
             sums = self.step(params, batch, self.byte_lengths_V)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)

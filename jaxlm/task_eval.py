@@ -75,7 +75,7 @@ def _padded_row(example: dict[str, np.ndarray], seq_len: int, pad_id: int) -> di
     pad = lambda x: np.pad(x, (0, seq_len - n))
     return {"inputs": np.pad(example["tokens"], (0, seq_len - n), constant_values=pad_id), "targets": pad(example["targets"]),
             "weights": pad(example["weights"]), "segment_ids": pad(np.ones(n, np.int32)),
-            "positions": pad(np.arange(n, dtype=np.int32))}
+            "positions": pad(np.arange(n, dtype=np.int32)), "token_types": pad(example["token_types"])}
 
 
 def classification_summary(confusion_CxC: np.ndarray, names: list[str]) -> dict[str, Any]:

@@ -5,7 +5,8 @@ each other.
 seq2seq_lm: `[bos] input [sep] target [eos]` on the causal LM; only the target and eos are
 predicted (weight 1), the input is context. classify: an encoder reads `[cls] text [sep]
 (text_pair [sep])` and predicts the label at `[cls]`; a decoder reads `[bos] text [sep]
-(text_pair) [eos]` and predicts it at the last token. The label sits in `targets` at that one
+(text_pair) [eos]` and predicts it at the last token. Token types mark the pair's second text
+(1) as BERT's do; a model without token types ignores them. The label sits in `targets` at that one
 position, so the loss is the same weighted cross-entropy as every other objective's.
 Shape legend: L sequence.
 """
@@ -21,7 +22,7 @@ from jaxlm.tokenizer import Tokenizer
 Example = dict[str, np.ndarray]
 Encoder = Callable[[dict[str, Any]], Example]
 TASK_OBJECTIVES = ("seq2seq_lm", "classify")
-PACKED_KEYS = ("tokens", "targets", "weights")
+PACKED_KEYS = ("tokens", "targets", "weights", "token_types")
 
 
 def _text(value: Any) -> str:
@@ -54,7 +55,8 @@ def seq2seq_encoder(tokenizer: Tokenizer, seq_len: int, template: str) -> Encode
         targets_L[:-1] = tokens_L[1:]
         weights_L = np.zeros(len(tokens_L), np.float32)
         weights_L[len(input_ids) + 1 : -1] = 1.0  # from [sep] on: predicts target tokens and eos
-        return {"tokens": tokens_L, "targets": targets_L, "weights": weights_L}
+        return {"tokens": tokens_L, "targets": targets_L, "weights": weights_L,
+                "token_types": np.zeros_like(tokens_L)}
 
     return encode
 
@@ -75,10 +77,12 @@ def classify_encoder(tokenizer: Tokenizer, seq_len: int, template: str, causal: 
             tail = [*pair_ids, tokenizer.sep_id] if pair else []
             tokens_L = np.asarray([tokenizer.cls_id, *text_ids, tokenizer.sep_id, *tail], np.int32)
             at = 0
+        first_L = np.arange(len(tokens_L)) < len(text_ids) + 2  # [bos]/[cls] text [sep]
         targets_L = np.zeros_like(tokens_L)
         weights_L = np.zeros(len(tokens_L), np.float32)
         targets_L[at], weights_L[at] = int(record["label"]), 1.0
-        return {"tokens": tokens_L, "targets": targets_L, "weights": weights_L}
+        return {"tokens": tokens_L, "targets": targets_L, "weights": weights_L,
+                "token_types": np.where(first_L, 0, 1).astype(np.int32)}
 
     return encode
 
@@ -91,6 +95,7 @@ def task_example(packed: Example, key: tuple[int, int] = (0, 0)) -> Example:
         "weights": packed["weights"],
         "segment_ids": packed["tokens_segment_ids"],
         "positions": packed["tokens_positions"],
+        "token_types": packed["token_types"],
     }
 
 

@@ -130,3 +130,18 @@ def test_task_examples_are_packed_whole_and_resume_exactly(tmp_path, cache_dir):
     evaluated = list(eval_pipeline(source, TOK, task_example, seq_len=32, local_batch=4, seed=0,
                                    encoder=encoder))
     assert sum((b["inputs"] == TOK.eos_id).sum() for b in evaluated) == len(source)
+
+
+def test_packed_pairs_keep_their_token_types(tmp_path, cache_dir):
+    rows = [{"q": f"question {i}", "a": f"answer {i}", "y": i % 2} for i in range(20)]
+    cfg = _cfg(tmp_path, cache_dir, [write_jsonl(tmp_path / "p.jsonl", rows)],
+               fields={"text": "q", "text_pair": "a", "label": "y"})
+    source = open_split(cfg, "train", "classify")
+    batch = next(iter(train_pipeline(source, TOK, task_example, seq_len=64, global_batch=2, seed=0,
+                                     encoder=classify_encoder(TOK, 64, "", False))))
+    for r in range(2):
+        types, seg, tokens = batch["token_types"][r], batch["segment_ids"][r], batch["inputs"][r]
+        for s in set(seg[seg > 0].tolist()):
+            first_sep = np.flatnonzero((seg == s) & (tokens == TOK.sep_id))[0]
+            assert types[(seg == s) & (np.arange(64) <= first_sep)].max() == 0
+            assert types[(seg == s) & (np.arange(64) > first_sep)].min() == 1

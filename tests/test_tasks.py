@@ -13,7 +13,7 @@ from flax import nnx
 from jaxlm.config import Config, ModelConfig
 from jaxlm.heads import build_model, forward
 from jaxlm.objectives import weighted_sums
-from jaxlm.tasks import seq2seq_encoder
+from jaxlm.tasks import classify_encoder, seq2seq_encoder
 from jaxlm.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -90,3 +90,17 @@ def test_classifier_replaces_the_token_heads(causal):
     assert names == {"embed", "blocks", "final_norm", "task_head"}
     assert (model.task_head.pooler is None) == causal
     assert forward(model, ROW, "classify").shape == (1, LENGTH, 3)
+
+
+@pytest.mark.parametrize("causal, expected", [
+    (False, [0] * 5 + [1] * 3),  # [cls] a b c [sep] | d e [sep]
+    (True, [0] * 5 + [1] * 3),   # [bos] a b c [sep] | d e [eos]
+])
+def test_a_text_pair_marks_its_second_text_with_token_type_1(causal, expected):
+    example = classify_encoder(TOK, LENGTH, "", causal)({"text": b"abc", "text_pair": b"de", "label": 1})
+    assert example["token_types"].tolist() == expected
+
+
+def test_a_single_text_has_token_type_0_everywhere():
+    example = classify_encoder(TOK, LENGTH, "", False)({"text": b"abc", "label": 1})
+    assert example["token_types"].tolist() == [0] * 5
