@@ -52,6 +52,7 @@ class ModelConfig:
     attention: Literal["xla", "cudnn", "splash"] = "xla"  # unsupported here -> xla, one warning
     causal: bool | None = None  # None: decoder for clm/seq2seq_lm, encoder for mlm/classify
     dropout: float = 0.0  # embedding, attention and residual dropout while training
+    scan_layers: bool = True  # False: the layer loop unrolled (same params; faster when shallow)
     num_labels: int | None = None  # classify: None means the number of labels in the data
 
 
@@ -103,6 +104,7 @@ class TrainConfig:
     remat: Literal["none", "full", "dots_saveable"] = "none"  # activation recomputation per layer
     grad_accum_steps: int = 1  # microbatches per step (batch_size must divide by it)
     pseudo_ppl_examples: int = 16  # mlm eval: validation rows scored by pseudo-perplexity
+    profile_steps: tuple[int, ...] = ()  # [first, last]: a profiler trace of those steps
 
 
 def _default_axes() -> dict[str, int]:
@@ -329,6 +331,10 @@ def validate(cfg: Config) -> None:
             f"train.batch_size ({cfg.train.batch_size}) must be a positive multiple of "
             f"train.grad_accum_steps ({cfg.train.grad_accum_steps})"
         )
+    profile = cfg.train.profile_steps
+    if profile and (len(profile) != 2 or not 1 <= profile[0] <= profile[1]):
+        raise UserError(f"train.profile_steps is {list(profile)}; give [first, last] with "
+                        "1 <= first <= last, e.g. [10, 12], or [] for no trace")
     _validate_task(cfg)
 
 

@@ -256,6 +256,7 @@ class Transformer(nnx.Module):
         self.causal = causal
         self.remat = remat
         self.dropout = cfg.dropout
+        self.scan_layers = cfg.scan_layers
         with nnx.use_eager_sharding(False):
             self.embed = nnx.Embed(
                 cfg.vocab_size,
@@ -325,40 +326,29 @@ class Transformer(nnx.Module):
 
     def _layers(self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array,
                 token_types_BxL: Array | None, dropout_key: Array | None) -> Array:
+        """The blocks over the embeddings, in one `lax.scan` over the stacked layers (unrolled
+        when model.scan_layers is off); with dropout in training each layer gets its own key."""
         x_BxLxD = self._add_embeddings(x_BxLxD, positions_BxL, token_types_BxL)
-        if dropout_key is not None and self.dropout > 0:
-            return self._layers_with_dropout(x_BxLxD, segment_ids_BxL, positions_BxL, dropout_key)
+        dropping = dropout_key is not None and self.dropout > 0
+        if dropping:
+            x_BxLxD = Dropout(dropout_key, self.dropout)(x_BxLxD, EMBED_DROP)
         x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
         block_def, block_state = nnx.split(self.blocks)
-
-        def layer(x_BxLxD: Array, layer_state: nnx.State) -> tuple[Array, None]:
-            block = nnx.merge(block_def, layer_state)
-            x_BxLxD = block(x_BxLxD, positions_BxL, segment_ids_BxL, self.causal)
-            return constrain(x_BxLxD, ACTIVATION_AXES), None
-
-        if self.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, block_state)
-        return x_BxLxD
-
-    def _layers_with_dropout(self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array,
-                             key: Array) -> Array:
-        """`_layers` in training with dropout: each layer gets its own key (split from `key`)."""
-        x_BxLxD = constrain(Dropout(key, self.dropout)(x_BxLxD, EMBED_DROP), ACTIVATION_AXES)
-        block_def, block_state = nnx.split(self.blocks)
+        n_layers = self.blocks.attn.k.kernel.shape[0]
+        keys = (jax.random.split(jax.random.fold_in(dropout_key, LAYER_KEYS), n_layers)
+                if dropping else None)
 
         def layer(x_BxLxD: Array, xs: tuple) -> tuple[Array, None]:
             layer_state, layer_key = xs
             block = nnx.merge(block_def, layer_state)
-            drop = Dropout(layer_key, self.dropout)
+            drop = None if layer_key is None else Dropout(layer_key, self.dropout)
             x_BxLxD = block(x_BxLxD, positions_BxL, segment_ids_BxL, self.causal, drop)
             return constrain(x_BxLxD, ACTIVATION_AXES), None
 
         if self.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        n_layers = self.blocks.attn.k.kernel.shape[0]
-        keys = jax.random.split(jax.random.fold_in(key, LAYER_KEYS), n_layers)
-        x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (block_state, keys))
+        x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (block_state, keys),
+                                  unroll=1 if self.scan_layers else n_layers)
         return x_BxLxD
 
     def cached(
@@ -380,7 +370,8 @@ class Transformer(nnx.Module):
         n_layers = cache.k_NxBxSxHxK.shape[0]
         x_BxTxD = self._add_embeddings(self.embed(tokens_BxT), positions_BxT, None)
         xs = (block_state, jnp.arange(n_layers))
-        (x_BxTxD, cache), _ = jax.lax.scan(layer, (x_BxTxD, cache), xs)
+        (x_BxTxD, cache), _ = jax.lax.scan(layer, (x_BxTxD, cache), xs,
+                                           unroll=1 if self.scan_layers else n_layers)
         return x_BxTxD, cache
 
     def _add_embeddings(

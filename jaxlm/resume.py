@@ -33,9 +33,11 @@ SAFE_TO_CHANGE = (
     "train.on_nonfinite",
     "train.max_consecutive_skips",
     "train.pseudo_ppl_examples",
+    "train.profile_steps",
     "train.remat",  # recomputation and accumulation change speed and memory, not the math
     "train.grad_accum_steps",
     "model.attention",
+    "model.scan_layers",
     "data.prefetch_batches",  # (not data.worker_count: workers reorder the batches, and the
     # saved iterator state of one worker count does not restore into another)
     "init_from",  # only read when a run starts

@@ -11,6 +11,7 @@ Layout of `<run_dir>`:
   curves.png             train/eval loss, learning rate and tokens/s against step, redrawn at each eval
   metrics.<time>.jsonl   history of an earlier start that restored no checkpoint, kept aside
   tensorboard/           the same scalars as TensorBoard events (tensorboard.<time>/ kept aside)
+  profile/               train.profile_steps: jax.profiler traces (plugins/profile/<time>/)
   checkpoints/<step>/    Orbax checkpoints
   quarantine/<step>-<time>/  unreadable checkpoints, moved aside, never deleted
   .lock                  held (flock; on gs:// a lock object) by process 0 of the job training this run
@@ -97,6 +98,10 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
+
+    @property
+    def profile(self) -> Path:
+        return self.root / "profile"
 
     @property
     def checkpoints(self) -> Path:

@@ -138,6 +138,7 @@ def _steps(job: _Job, end: int, stop: StopRequest, show_progress: bool,
     bar = cleanup.enter_context(tqdm(total=total, initial=job.start, unit="step",
                                      disable=not show_progress))
     train_step = make_train_step(job.setup)
+    trace = _Trace(cfg.train.profile_steps, job.run, cleanup)
     pending = _PendingMetrics(cfg, checkpointer, last_saved=job.start, devices=job.setup.mesh.size)
     final_eval: dict[str, Any] = {}
     # XLA:CPU can deadlock when several multi-device steps with collectives are in flight at once;
@@ -145,9 +146,11 @@ def _steps(job: _Job, end: int, stop: StopRequest, show_progress: bool,
     wait_each_step = jax.default_backend() == "cpu" and job.setup.mesh.size > 1
     for step in range(job.start + 1, end + 1):
         batch = next(job.train_iter)  # already on the devices (data.prefetch_batches)
+        trace.before(step)
         state, metrics = train_step(state, batch)
         if wait_each_step:
             jax.block_until_ready(metrics)
+        trace.after(step, metrics)
         pending.add(step, metrics)
         if step == job.start + 1:  # tokens/s and MFU leave out the compilation
             pending.restart_clock(after=metrics)
@@ -183,6 +186,35 @@ def _steps(job: _Job, end: int, stop: StopRequest, show_progress: bool,
             bar.write(f"stopped at step {step} with a checkpoint; run the same command to continue")
             break
     return final_eval
+
+
+class _Trace:
+    """train.profile_steps [first, last]: a jax.profiler trace of those steps (from fetching the
+    first's batch to the last's result) in <run_dir>/profile/. Outside the jitted step: off, it
+    costs nothing."""
+
+    def __init__(self, steps: tuple[int, ...], run: RunDir, cleanup: contextlib.ExitStack):
+        self.first, self.last = steps or (0, 0)
+        self.directory, self.cleanup, self.tracing = run.profile, cleanup, False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(str(self.directory))
+            self.tracing = True
+            self.cleanup.callback(self._stop)  # a run stopped inside the range keeps its trace
+
+    def after(self, step: int, metrics: Any) -> None:
+        if step == self.last and self.tracing:
+            jax.block_until_ready(metrics)
+            self._stop()
+            if jax.process_index() == 0:
+                print(f"profile of steps {self.first}-{self.last} written to {self.directory}",
+                      flush=True)
+
+    def _stop(self) -> None:
+        if self.tracing:
+            self.tracing = False
+            jax.profiler.stop_trace()
 
 
 class _PendingMetrics:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,6 +156,28 @@ def test_remat_policies_recompute_but_give_the_same_gradients():
         assert "remat" in jaxpr  # the jax.checkpoint primitive
         same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
         jax.tree.map(same, grads, reference)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_unrolled_layers_give_the_scanned_loss_and_gradients(dropout):
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 4, CFG.vocab_size)
+    segments, positions = jnp.ones((2, 16), jnp.int32), jnp.tile(jnp.arange(16), (2, 1))
+    params = nnx.state(_model())
+
+    def loss_and_grads(scan_layers):
+        cfg = dataclasses.replace(CFG, scan_layers=scan_layers, dropout=dropout)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, causal=True, rngs=nnx.Rngs(0))))
+        loss = lambda p: jax.nn.logsumexp(nnx.merge(graphdef, p)(
+            tokens, segments, positions, dropout_key=jax.random.key(5))).sum()
+        step = jax.jit(jax.value_and_grad(loss))
+        return step(params), step.lower(params).as_text()
+
+    (loss, grads), program = loss_and_grads(False)
+    (scanned_loss, scanned_grads), scanned_program = loss_and_grads(True)
+    # The layer loop (forward and backward) is gone; dropout's key derivation may keep its own.
+    assert program.count("stablehlo.while") == scanned_program.count("stablehlo.while") - 2
+    np.testing.assert_allclose(loss, scanned_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), grads, scanned_grads)
 
 
 def _hf_param_count(name):

@@ -145,3 +145,27 @@ def test_train_and_eval_with_an_hf_tokenizer(tiny_cfg, objective, style, request
     if objective == "mlm":
         pseudo = evaluator.pseudo_perplexity(params, rows=2)
         assert pseudo["pseudo_perplexity_tokens"] > 0 and np.isfinite(pseudo["pseudo_perplexity"])
+
+
+def test_profile_steps_write_a_trace_and_change_nothing_else(tiny_cfg, tmp_path):
+    def run(name, profile):
+        train_cfg = dataclasses.replace(tiny_cfg.train, run_dir=str(tmp_path / name), log_every=1,
+                                        profile_steps=profile)
+        cfg = dataclasses.replace(tiny_cfg, train=train_cfg)
+        train(cfg, show_progress=False)
+        return cfg.run_dir
+
+    profiled, plain = run("profiled", (2, 3)), run("plain", ())
+    assert list((profiled / "profile").rglob("*.xplane.pb"))
+    assert not (plain / "profile").exists()
+    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+    assert losses(profiled) == losses(plain)
+
+
+@pytest.mark.parametrize("steps", [[3], [0, 2], [4, 2]])
+def test_profile_steps_outside_first_last_order_is_one_line(tiny_cfg, steps):
+    from jaxlm.config import validate
+
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, profile_steps=tuple(steps)))
+    with pytest.raises(UserError, match=r"train.profile_steps is .*\[first, last\]"):
+        validate(cfg)

@@ -22,8 +22,8 @@ from jaxlm.tokenizer import ByteTokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
-# Keys that change no param: the numerics, and dropout (training only).
-PARAMS_ALIKE = ("compute_dtype", "param_dtype", "attention", "dropout")
+# Keys that change no param: the numerics, dropout (training only), the layer loop's form.
+PARAMS_ALIKE = ("compute_dtype", "param_dtype", "attention", "dropout", "scan_layers")
 # Keys only a task head depends on (init_heads: reinit creates that head fresh).
 HEAD_ONLY = ("num_labels",)
 
