@@ -41,10 +41,9 @@ def dry_run(cfg: Config, devices: list[jax.Device] | None = None,
     step fits in `hbm_bytes` per device (default: the first device's memory limit, if it has one)."""
     setup = make_setup(cfg, devices)
     rows, length = cfg.train.batch_size, cfg.data.seq_len
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
-        for k, v in empty_batch(rows, length, 0, has_token_types(cfg), cfg.data.nsp).items()  # shapes only
-    }
+    shapes_only = empty_batch(rows, length, 0, has_token_types(cfg), cfg.data.nsp)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
+                      for k, v in shapes_only.items()}
     abstract_state = setup.abstract_sharded()
     report = {
         "mesh": dict(setup.mesh.shape),

@@ -145,8 +145,8 @@ def _steps(job: _Job, end: int, stop: StopRequest, show_progress: bool,
     # CPU gains nothing from running ahead, so there each step is waited for.
     wait_each_step = jax.default_backend() == "cpu" and job.setup.mesh.size > 1
     for step in range(job.start + 1, end + 1):
-        batch = next(job.train_iter)  # already on the devices (data.prefetch_batches)
         trace.before(step)
+        batch = next(job.train_iter)  # already on the devices (data.prefetch_batches)
         state, metrics = train_step(state, batch)
         if wait_each_step:
             jax.block_until_ready(metrics)

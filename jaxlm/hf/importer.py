@@ -33,8 +33,8 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}; --hf takes a Hugging Face model "
-                        "directory (config.json + safetensors)") from None
+        raise UserError(f"cannot read {path}: {err.strerror}; name a Hugging Face model "
+                        "directory (config.json + safetensors) for --hf or init_from=hf:DIR") from None
     except ValueError as err:
         raise UserError(f"{path} is not valid JSON ({err})") from None
 
