@@ -332,7 +332,7 @@ def validate(cfg: Config) -> None:
             f"train.grad_accum_steps ({cfg.train.grad_accum_steps})"
         )
     profile = cfg.train.profile_steps
-    if profile and (len(profile) != 2 or not 1 <= profile[0] <= profile[1]):
+    if profile and (len(profile) != 2 or profile[0] > profile[1]):  # each >= 1: ranges
         raise UserError(f"train.profile_steps is {list(profile)}; give [first, last] with "
                         "1 <= first <= last, e.g. [10, 12], or [] for no trace")
     _validate_task(cfg)

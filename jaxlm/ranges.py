@@ -87,6 +87,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "train.max_consecutive_skips": AT_LEAST_1,
     "train.grad_accum_steps": AT_LEAST_1,
     "train.pseudo_ppl_examples": AT_LEAST_0,
+    "train.profile_steps": AT_LEAST_1,  # each of [first, last]
     "checkpoint.every": AT_LEAST_1,
     "checkpoint.keep": AT_LEAST_1,
 }
@@ -99,10 +100,14 @@ def check(name: str, value: float, allowed: Range) -> None:
 
 
 def check_config(cfg: Any) -> None:
-    """Checks every key of CONFIG_RANGES in a Config (unset optional values are skipped)."""
+    """Checks every key of CONFIG_RANGES in a Config (unset optional values are skipped; a tuple's
+    every element)."""
     for key, allowed in CONFIG_RANGES.items():
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        if value is not None:
+        if isinstance(value, tuple):
+            for i, element in enumerate(value):
+                check(f"config key '{key}[{i}]'", element, allowed)
+        elif value is not None:
             check(f"config key '{key}'", value, allowed)

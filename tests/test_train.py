@@ -162,10 +162,14 @@ def test_profile_steps_write_a_trace_and_change_nothing_else(tiny_cfg, tmp_path)
     assert losses(profiled) == losses(plain)
 
 
-@pytest.mark.parametrize("steps", [[3], [0, 2], [4, 2]])
-def test_profile_steps_outside_first_last_order_is_one_line(tiny_cfg, steps):
+@pytest.mark.parametrize("steps, message", [
+    ([3], r"train.profile_steps is \[3\]; give \[first, last\]"),
+    ([4, 2], r"train.profile_steps is \[4, 2\]; give \[first, last\]"),
+    ([0, 2], r"'train.profile_steps\[0\]' must be an integer >= 1, got 0"),
+])
+def test_profile_steps_outside_first_last_order_is_one_line(tiny_cfg, steps, message):
     from jaxlm.config import validate
 
     cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, profile_steps=tuple(steps)))
-    with pytest.raises(UserError, match=r"train.profile_steps is .*\[first, last\]"):
+    with pytest.raises(UserError, match=message):
         validate(cfg)
