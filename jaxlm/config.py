@@ -143,6 +143,7 @@ class Config:
     seed: int = 0
     init_from: str = ""  # RUN_DIR[@STEP] or hf:DIR: start from those params (fresh optimizer)
     init_heads: Literal["strict", "reinit"] = "strict"  # init_from: heads must match | made fresh
+    compilation_cache_dir: str = "~/.cache/jaxlm/xla"  # compiled programs kept across runs; "": off
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -117,14 +117,14 @@ def _prepared_builder(cfg: DataConfig, objective: str) -> tfds.core.DatasetBuild
             "file format, reads and writes through POSIX files only (gs:// run directories work)"
         )
     builder_cls, corpus = _corpus(cfg, objective)
-    if not builder_cls.documents(corpus):
-        raise UserError(f"data.dataset {cfg.dataset}: the corpus is empty; point data.paths at text")
     absl_logging.set_verbosity(absl_logging.ERROR)
     tfds.disable_progress_bar()
     data_dir = Path(cfg.cache_dir).expanduser()
     builder = builder_cls(config=corpus, data_dir=str(data_dir), file_format="array_record")
     if builder.is_prepared():
         return builder
+    if not builder_cls.documents(corpus):  # read only when building: a big corpus takes seconds
+        raise UserError(f"data.dataset {cfg.dataset}: the corpus is empty; point data.paths at text")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         lock = open(data_dir / f".{builder.name}-{corpus.name}.lock", "w")

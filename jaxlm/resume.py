@@ -25,6 +25,7 @@ from jaxlm.state import Setup, State, init_state
 # Dotted prefixes of keys that may differ between a checkpoint and the run resuming it.
 SAFE_TO_CHANGE = (
     "name",
+    "compilation_cache_dir",
     "train.steps",
     "train.run_dir",
     "train.log_every",

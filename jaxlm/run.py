@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 from jaxlm import config as config_lib
 from jaxlm import storage
 from jaxlm.checkpoint import Checkpointer, CheckpointDamaged
+from jaxlm.compile_cache import use_compilation_cache
 from jaxlm.config import CheckpointConfig, Config
 from jaxlm.data import label_names
 from jaxlm.errors import UserError
@@ -52,6 +53,9 @@ from jaxlm.tokenizer import (CONFIG_FILES as TOKENIZER_CONFIGS, HF_PREFIX, Token
                              tokenizer_files)
 
 Log = Callable[[str], None]
+
+
+UNKNOWN_HOLDER = "another process"
 
 
 def warn(message: str) -> None:
@@ -274,8 +278,7 @@ class RunLock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.seek(0)
-            holder = _holder(lock.read())
+            holder = _read_holder(lock)
             lock.close()
             return holder
         lock.truncate(0)
@@ -292,12 +295,24 @@ class RunLock:
             self._object.release()
 
 
+def _read_holder(lock: Any) -> str:
+    """The holder's note; it writes the note just after taking the lock, so a job refused in
+    between waits up to a second for it."""
+    for _ in range(20):
+        lock.seek(0)
+        holder = _holder(lock.read())
+        if holder != UNKNOWN_HOLDER:
+            return holder
+        time.sleep(0.05)
+    return holder
+
+
 def _holder(text: str) -> str:
     try:
         info = json.loads(text)
         return f"pid {info['pid']} on host {info['host']} (since {info['since']})"
     except (json.JSONDecodeError, KeyError, TypeError):
-        return "another process"
+        return UNKNOWN_HOLDER
 
 
 # ---------------------------------------------------------------- opening a run
@@ -329,6 +344,7 @@ def open_run(cfg: Config, devices: list[jax.Device] | None = None) -> tuple[Conf
     """The resolved config, its tokenizer and the state layout on `devices` (default: all)."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg = resolve(cfg, tokenizer)
+    use_compilation_cache(cfg.compilation_cache_dir)
     return cfg, tokenizer, make_setup(cfg, devices)
 
 
@@ -387,6 +403,7 @@ def load_run(
         for candidate in [step] if step is not None else steps:
             try:
                 cfg = saved_config(checkpointer, run, candidate, overrides, len(devices))
+                use_compilation_cache(cfg.compilation_cache_dir)
                 setup = make_setup(cfg, devices)
                 return cfg, setup, checkpointer.restore_params(candidate, setup, host), candidate
             except CheckpointDamaged as err:

@@ -60,6 +60,7 @@ def tiny_config(corpus: Path, cache_dir: Path, run_dir: Path, **train) -> Config
     return Config(
         name="test",
         seed=0,
+        compilation_cache_dir=str(cache_dir / "xla"),
         model=ModelConfig(vocab_size=None, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64),
         data=DataConfig(
             dataset="text_files",
@@ -87,6 +88,7 @@ def config_file(tmp_path, corpus, cache_dir, **sections):
     """A tiny-model YAML config on the test corpus; `sections` update its sections."""
     raw = {
         "name": "cli",
+        "compilation_cache_dir": str(cache_dir / "xla"),
         "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 64},
         "data": {"dataset": "text_files", "paths": [str(corpus / "*.py")], "seq_len": 32,
                  "validation_percent": 20.0, "cache_dir": str(cache_dir)},
@@ -106,10 +108,11 @@ def _cli_env():
     return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
 
-def jaxlm_cli(*args):
-    """Runs `python -m jaxlm ARGS` to completion, as a user would (2 CPU devices)."""
+def jaxlm_cli(*args, env: dict[str, str] | None = None):
+    """Runs `python -m jaxlm ARGS` to completion, as a user would (2 CPU devices; `env` adds
+    environment variables)."""
     return subprocess.run([sys.executable, "-m", "jaxlm", *map(str, args)], capture_output=True,
-                          text=True, env=_cli_env(), cwd=REPO, timeout=300)
+                          text=True, env={**_cli_env(), **(env or {})}, cwd=REPO, timeout=300)
 
 
 def start_jaxlm(log: Path, *args):

@@ -8,7 +8,7 @@ import pytest
 
 from jaxlm.config import DataConfig
 from jaxlm.data import device_prefetch, eval_pipeline, open_split, train_pipeline
-from jaxlm.datasets.corpus import PythonStdlib
+from jaxlm.datasets.corpus import PythonStdlib, _FileCorpus
 from jaxlm.errors import UserError
 from jaxlm.objectives import clm_example, mlm_example_fn
 from jaxlm.tokenizer import BOS_ID, EOS_ID, MASK_ID, ByteTokenizer, load_tokenizer, padding_id
@@ -52,13 +52,19 @@ def test_text_files_paragraph_mode_and_rebuild_on_change(tmp_path, cache_dir):
 def test_python_stdlib_builder_excludes_tests_and_site_packages(tmp_path):
     root = tmp_path / "lib"
     for rel in ["os.py", "json/decoder.py", "test/test_os.py", "site-packages/pkg/x.py",
-                "unittest/tests/t.py", "encodings/cp1.py", "notes.txt"]:
+                "unittest/tests/t.py", "encodings/cp1.py", "notes.txt", ".hidden/h.py",
+                "json/.swap.py"]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("x = 1\n")
     cfg = PythonStdlib.make_config(root, ("**/*.py",), validation_percent=5.0)
     names = [str(p.relative_to(root)) for p in PythonStdlib.files(cfg)]
     assert names == ["json/decoder.py", "os.py"]
     assert PythonStdlib.default_root().joinpath("os.py").exists()
+
+
+def test_python_stdlib_lists_what_the_glob_lists_so_built_corpora_stay_valid():
+    cfg = PythonStdlib.make_config(PythonStdlib.default_root(), ("**/*.py",))
+    assert PythonStdlib.files(cfg) == _FileCorpus.files.__func__(PythonStdlib, cfg)
 
 
 def test_missing_path_and_empty_corpus_are_user_errors(tmp_path, cache_dir):

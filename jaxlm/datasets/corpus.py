@@ -8,7 +8,9 @@ carries a fingerprint of the source files, so a changed corpus is rebuilt, never
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
+import os
 import re
 import sysconfig
 from pathlib import Path
@@ -94,6 +96,20 @@ class PythonStdlib(_FileCorpus):
     @classmethod
     def default_root(cls) -> Path:
         return Path(sysconfig.get_paths()["stdlib"])
+
+    @classmethod
+    def files(cls, cfg: CorpusConfig) -> list[Path]:
+        """The same files as the glob, found without listing what is excluded: site-packages
+        under the stdlib often holds more files than the stdlib itself, and globbing `**` listed
+        it all on every start (0.8 s)."""
+        (pattern,) = cfg.patterns
+        name_pattern = pattern.removeprefix("**/")
+        found = []
+        for folder, dirs, names in os.walk(cfg.root, followlinks=True):
+            dirs[:] = [d for d in dirs if d not in cls.EXCLUDED_DIRS and not d.startswith(".")]
+            found += [Path(folder, n) for n in names
+                      if fnmatch.fnmatch(n, name_pattern) and not n.startswith(".")]
+        return sorted(p for p in found if p.is_file())
 
 
 class TextFiles(_FileCorpus):
