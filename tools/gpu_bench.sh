@@ -35,6 +35,7 @@ if (( tiny )); then
   cases=("configs/gpt2_124m.yaml|2|64|$shrink" "configs/llama_1b.yaml|2|64|$shrink")
   steps=2
   dtype=float32
+  export JAX_PLATFORMS=cpu  # libtpu, where installed, would probe for a TPU first
 fi
 
 for case in "${cases[@]}"; do
