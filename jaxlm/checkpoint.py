@@ -130,8 +130,23 @@ def _quiet_orbax_leftovers() -> None:
     sys.excepthook = functools.partial(_skip_closed_loop_error, previous=sys.excepthook)
 
 
+def _handlers(params_write_bytes: int | None) -> dict[str, Any] | None:
+    """Orbax's handler per item (None: its defaults), with the params' and optimizer state's
+    encoded bytes in flight capped at `params_write_bytes`."""
+    if params_write_bytes is None:
+        return None
+    # In GB as a float (Orbax multiplies by 1e9), with 1 MiB to spare for the rounding.
+    arrays = ocp.StandardCheckpointHandler(save_concurrent_gb=(params_write_bytes + 2**20) / 1e9)
+    return {"params": arrays, "opt": arrays, "config": ocp.JsonCheckpointHandler(),
+            "dataset": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+
+
 class Checkpointer:
-    def __init__(self, directory: Path, cfg: CheckpointConfig, *, read_only: bool = False):
+    def __init__(self, directory: Path, cfg: CheckpointConfig, *, read_only: bool = False,
+                 params_write_bytes: int | None = None):
+        """`params_write_bytes` caps the params bytes Orbax holds encoded before writing them
+        (at least the largest param's): by default it encodes the whole tree first, a second
+        copy of the model in host memory."""
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
             enable_async_checkpointing=cfg.async_save,
@@ -140,7 +155,8 @@ class Checkpointer:
             create=not read_only,
         )
         self.directory = directory if storage.is_remote(directory) else directory.absolute()
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=_handlers(params_write_bytes))
         # Orbax removes stale tmp dirs in a thread that neither close() nor exit waits for: a run
         # stopped by a setup error right after this would die under it, printing a traceback.
         self._manager._maybe_await_cleanup_tmp_directory()  # a directory listing: quick

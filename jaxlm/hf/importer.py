@@ -115,9 +115,10 @@ def converted(directory: Path, family: Family, objective: str, model: ModelConfi
 def load_params(directory: Path, family: Family, objective: str, setup: Setup) -> Any:
     """The params on `setup`'s mesh, each placed shard by shard as soon as it is converted."""
     targets = _flat(setup.abstract_sharded("params"))
-    placed = {param: jax.make_array_from_callback(
-                  targets[param].shape, targets[param].sharding, lambda index, a=array: a[index])
-              for param, array in converted(directory, family, objective, setup.cfg.model, targets)}
+    placed = {}
+    for param, array in converted(directory, family, objective, setup.cfg.model, targets):
+        placed[param] = jax.block_until_ready(jax.make_array_from_callback(
+            targets[param].shape, targets[param].sharding, lambda index, a=array: a[index]))
     return _as_params(setup, placed)
 
 
@@ -158,10 +159,12 @@ def import_hf(directory: Path, out: Path, objective: str | None = None) -> Confi
                  train=TrainConfig(run_dir=str(out)))
     validate(cfg)
     # On one device: each param moves there as soon as it is converted and its host copy is
-    # freed (Orbax copies a tree of host arrays once more when saving). Any mesh restores it.
+    # freed; Orbax encodes one param at a time. Any mesh restores it.
     with staged_output(out, "importing") as staging:
         params = load_params(directory, family, objective, make_setup(cfg, jax.devices()[:1]))
-        checkpointer = Checkpointer(staging / "checkpoints", CheckpointConfig(async_save=False))
+        largest = max(leaf.nbytes for leaf in jax.tree.leaves(params))
+        checkpointer = Checkpointer(staging / "checkpoints", CheckpointConfig(async_save=False),
+                                    params_write_bytes=largest)
         checkpointer.save(0, {"params": params}, None, cfg)
         checkpointer.close()
         for name in TOKENIZER_FILES:
