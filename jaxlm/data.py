@@ -1,7 +1,9 @@
 """Data: a TFDS data source per split, fed through grain (shuffle, tokenize, pack, objective, batch).
 
 Every dataset is random-access array_record read by `tfds.data_source`; grain iterators are
-checkpointable, so a resumed run continues from the exact example where it stopped.
+checkpointable, so a resumed run continues from the exact example where it stopped. Training rows
+of text corpora are slices of one token stream (jaxlm.token_stream); task records are packed
+whole, one stream per batch row.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from typing import Any, Callable
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import flags as absl_flags
 from absl import logging as absl_logging
 
 from jaxlm.config import Config, DataConfig
@@ -26,7 +27,9 @@ from jaxlm.datasets.corpus import CorpusConfig, PythonStdlib, TextFiles
 from jaxlm.errors import UserError
 from jaxlm.objectives import ExampleFn
 from jaxlm.tasks import PACKED_KEYS, TASK_OBJECTIVES, Encoder
-from jaxlm.tokenizer import Tokenizer, padding_id
+from jaxlm.token_stream import (FORMAT as STREAM_FORMAT, StreamRows, stream_batches, token_index,
+                                worker_options)
+from jaxlm.tokenizer import Tokenizer, padding_id, tokenizer_files
 
 Example = dict[str, np.ndarray]
 # Documents are read in the calling thread: with one stream per batch row, a prefetch thread pool
@@ -175,10 +178,13 @@ def open_split(cfg: DataConfig, split: str, objective: str = "clm") -> Any:
 
 class _FeatureSource:
     """Exposes one text feature of a data source as bytes, the only thing the pipeline needs
-    (feature None: the whole record, by role)."""
+    (feature None: the whole record, by role); `identity` names the split's content (TFDS's
+    name/config/version, whose config of a local corpus fingerprints its files)."""
 
     def __init__(self, source: Any, feature: str | None):
         self.source, self.feature = source, feature
+        info = getattr(source, "dataset_info", None)
+        self.identity = None if info is None else f"{info.full_name}/{source.split}/{feature}"
 
     def __len__(self) -> int:
         return len(self.source)
@@ -248,6 +254,17 @@ def has_token_types(cfg: Config) -> bool:
     return cfg.data.nsp or cfg.objective in TASK_OBJECTIVES
 
 
+def stream_cache_key(source: Any, tokenizer_spec: str) -> str | None:
+    """What a split's cached token stream depends on: its content and the tokenizer's files."""
+    identity = getattr(source, "identity", None)
+    if identity is None:
+        return None
+    digest = hashlib.sha256(tokenizer_spec.encode())
+    for path in tokenizer_files(tokenizer_spec):
+        digest.update(path.read_bytes())
+    return f"{identity}\0{digest.hexdigest()}"
+
+
 def train_pipeline(
     source: Any,
     tokenizer: Tokenizer,
@@ -260,21 +277,43 @@ def train_pipeline(
     process_count: int = 1,
     worker_count: int = 0,
     encoder: Encoder | None = None,
+    cache_dir: str | None = None,
+    cache_key: str | None = None,
 ) -> grain.IterDataset:
-    """Endless batches of this process's rows of the global batch (`encoder`: of task records).
-
-    Row r of every global batch comes from its own stream: documents r, r+B, r+2B, ... (B = global
-    batch), reshuffled each epoch, tokenized and packed. A process reads only the documents of its
-    rows, and the global batch is the same whatever the number of processes, so runs on 1 host
-    and on N hosts see identical data.
+    """Endless batches of this process's rows of the global batch: of text, slices of the token
+    stream (tokenized once into `cache_dir` under `cache_key`, else in memory); with `encoder`,
+    of task records. The global batch is the same whatever the number of processes, and a process
+    reads only what its rows hold, so runs on 1 host and on N hosts see identical data.
     """
-    if len(source) < global_batch:
-        raise UserError(
-            f"the training split has {len(source)} documents, fewer than train.batch_size "
-            f"({global_batch}); add documents (or data.split_paragraphs) or lower the batch size"
-        )
     local = global_batch // process_count
     rows = range(process_index * local, (process_index + 1) * local)
+    if encoder is None:
+        index = token_index(source, tokenizer, cache_key, cache_dir, worker_count)
+        packed = stream_batches(StreamRows(index, seq_len, seed), global_batch, rows.start, local)
+        packed = packed.to_iter_dataset(_READ_OPTIONS)
+    else:
+        packed = _record_rows(source, tokenizer, seq_len, global_batch, seed, rows, worker_count,
+                              encoder)
+
+    # The objective runs here, after any workers: batch i holds example i of every row's stream,
+    # so (row, i) keys its masks whatever the worker or process count (workers count apart).
+    def objective(index: int, batch: Example) -> Example:
+        return stack_rows(tuple(
+            example_fn({k: v[j] for k, v in batch.items()}, (row, index)) for j, row in enumerate(rows)
+        ))
+
+    return packed.map_with_index(objective)
+
+
+def _record_rows(source: Any, tokenizer: Tokenizer, seq_len: int, global_batch: int, seed: int,
+                 rows: range, worker_count: int, encoder: Encoder) -> grain.IterDataset:
+    """Task records packed whole: row r of every global batch from its own stream of records r,
+    r+B, r+2B, ... (B = global batch), reshuffled each epoch."""
+    if len(source) < global_batch:
+        raise UserError(
+            f"the training split has {len(source)} records, fewer than train.batch_size "
+            f"({global_batch}); add records or lower the batch size"
+        )
     streams = [
         _packed(
             grain.MapDataset.source(source)[row::global_batch]
@@ -287,16 +326,7 @@ def train_pipeline(
         )
         for row in rows
     ]
-    packed = _in_workers(grain.experimental.ZipIterDataset(streams).map(stack_rows), worker_count)
-
-    # The objective runs here, after any workers: batch i holds example i of every row's stream,
-    # so (row, i) keys its masks whatever the worker or process count (workers count apart).
-    def objective(index: int, batch: Example) -> Example:
-        return stack_rows(tuple(
-            example_fn({k: v[j] for k, v in batch.items()}, (row, index)) for j, row in enumerate(rows)
-        ))
-
-    return packed.map_with_index(objective)
+    return _in_workers(grain.experimental.ZipIterDataset(streams).map(stack_rows), worker_count)
 
 
 def _in_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterDataset:
@@ -305,9 +335,7 @@ def _in_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterData
     exactly resumable as) those of another worker count."""
     if not worker_count:
         return batches
-    if not absl_flags.FLAGS.is_parsed():
-        absl_flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; we are no absl app
-    options = grain.MultiprocessingOptions(num_workers=worker_count)
+    options = worker_options(worker_count)
     # Worker output lives in shared memory that grain reuses: own a copy before it is kept.
     return batches.mp_prefetch(options).map(lambda batch: {k: np.array(v) for k, v in batch.items()})
 
@@ -373,4 +401,7 @@ def dataset_manifest(cfg: DataConfig, objective: str = "clm") -> dict[str, Any] 
         str(path.relative_to(corpus.root)): hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         for path in builder_cls.files(corpus)
     }
-    return {"dataset": cfg.dataset, "files": files}
+    manifest = {"dataset": cfg.dataset, "files": files}
+    if objective not in TASK_OBJECTIVES:  # text: rows are slices of the token stream
+        manifest["stream"] = STREAM_FORMAT
+    return manifest

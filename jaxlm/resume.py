@@ -90,6 +90,9 @@ def dataset_changes(saved: dict[str, Any] | None, now: dict[str, Any] | None) ->
         return ""
     if saved.get("dataset") != now.get("dataset"):
         return f"dataset {saved.get('dataset')} -> {now.get('dataset')}"
+    if saved.get("stream") != now.get("stream"):  # the rows are cut another way
+        return (f"data pipeline {saved.get('stream', 'one stream per batch row')} -> "
+                f"{now.get('stream', 'one stream per batch row')}")
     old, new = saved.get("files", {}), now.get("files", {})
     counts = {
         "added": len(new.keys() - old.keys()),

@@ -14,7 +14,8 @@ from tqdm import tqdm
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config
-from jaxlm.data import dataset_manifest, device_prefetch, label_names, open_split, train_pipeline
+from jaxlm.data import (dataset_manifest, device_prefetch, label_names, open_split,
+                        stream_cache_key, train_pipeline)
 from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.evaluate import Evaluator
 from jaxlm.flops import flops_per_token, mfu, peak_flops
@@ -103,6 +104,8 @@ def _start(cfg: Config, run: RunDir, devices: list[jax.Device] | None, force_res
             process_count=jax.process_count(),
             worker_count=cfg.data.worker_count,
             encoder=record_encoder(cfg, tokenizer),
+            cache_dir=cfg.data.cache_dir,
+            cache_key=stream_cache_key(train_source, cfg.data.tokenizer),
         )
         place = functools.partial(global_batch, sharding=setup.batch_sharding)
         return iter(device_prefetch(batches, place, cfg.data.prefetch_batches))

@@ -271,12 +271,12 @@ def test_input_that_used_to_mislead_is_one_line_naming_it(override, message, tmp
 def test_setup_error_after_the_checkpointer_exists_leaves_one_line(tmp_path, corpus, cache_dir):
     """Orbax's tmp-dir cleanup thread outlived such errors and died at exit with a traceback
     (in about two runs of three), so the check runs the CLI three times."""
-    cfg = config_file(tmp_path, corpus, cache_dir, train={"batch_size": 64})
+    cfg = config_file(tmp_path, corpus, cache_dir, data={"whole_word_mask": True})
     for _ in range(3):
-        proc = jaxlm_cli("train", "--config", cfg, "--no-progress")
+        proc = jaxlm_cli("train", "--config", cfg, "--no-progress", "--set", "objective=mlm")
         assert proc.returncode == 2
         assert proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
-        assert "fewer than train.batch_size (64)" in proc.stderr
+        assert "data.whole_word_mask needs a tokenizer with word pieces" in proc.stderr
 
 
 def test_a_missing_hf_tokenizer_exits_2_with_one_line(tmp_path, corpus, cache_dir):

@@ -181,12 +181,6 @@ def test_global_batch_is_the_same_for_any_number_of_processes(corpus, cache_dir,
             np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
 
 
-def test_fewer_documents_than_the_batch_is_a_user_error(corpus, cache_dir):
-    source = open_split(_cfg(corpus, cache_dir), "train")
-    with pytest.raises(UserError, match="fewer than train.batch_size"):
-        _pipeline(source, global_batch=len(source) + 1)
-
-
 def test_worker_process_and_device_prefetch_resume_exactly(corpus, cache_dir):
     """A grain worker process and a device prefetch thread running ahead: the checkpoint state is
     still that of the last batch handed out, so a restored iterator continues with the next one."""

@@ -13,6 +13,7 @@ from jaxlm.checkpoint import Checkpointer
 from jaxlm.cli import main
 from jaxlm.errors import UserError
 from jaxlm.metrics import read_metrics
+from jaxlm.resume import dataset_changes
 from jaxlm.train import train
 
 KILL_RUN = {"train": {"steps": 24, "log_every": 1}, "checkpoint": {"every": 4, "keep": 10}}
@@ -48,15 +49,15 @@ def reference(tmp_path_factory, corpus, cache_dir):
     return _losses(tmp / "run")
 
 
-@pytest.mark.parametrize("seed", [0, 1, "during-save"])
-def test_sigkill_then_restart_matches_the_uninterrupted_run_bitwise(seed, reference, tmp_path, corpus, cache_dir):
+@pytest.mark.parametrize("moment", ["between-steps", "during-save"])
+def test_sigkill_then_restart_matches_the_uninterrupted_run_bitwise(moment, reference, tmp_path, corpus, cache_dir):
     cfg = config_file(tmp_path, corpus, cache_dir, **KILL_RUN)
     run = tmp_path / "run"
     proc = start_jaxlm(tmp_path / "killed.log", "train", "--config", cfg, "--no-progress")
-    if seed == "during-save":
+    if moment == "during-save":
         _wait_for(lambda: _steps_logged(run) >= 5 and _saving(run), proc)
     else:
-        kill_at = random.Random(seed).randint(2, 20)
+        kill_at = random.Random(0).randint(2, 20)
         _wait_for(lambda: _steps_logged(run) >= kill_at, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -191,3 +192,9 @@ def test_a_run_already_at_its_end_does_nothing(argv, tmp_path, corpus, cache_dir
     out = capsys.readouterr().out
     assert "already at step 8" in out and "nothing to do" in out
     assert snapshot(run) == before
+
+
+def test_a_checkpoint_of_the_per_row_streams_names_the_pipeline_change():
+    saved = {"dataset": "python_stdlib", "files": {"a.py": "1"}}
+    now = {**saved, "stream": "token-stream-1"}
+    assert dataset_changes(saved, now) == "data pipeline one stream per batch row -> token-stream-1"
