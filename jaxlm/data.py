@@ -8,7 +8,6 @@ whole, one stream per batch row.
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import hashlib
 import os
@@ -27,8 +26,8 @@ from jaxlm.datasets.corpus import CorpusConfig, PythonStdlib, TextFiles
 from jaxlm.errors import UserError
 from jaxlm.objectives import ExampleFn
 from jaxlm.tasks import PACKED_KEYS, TASK_OBJECTIVES, Encoder
-from jaxlm.token_stream import (FORMAT as STREAM_FORMAT, StreamRows, stream_batches, token_index,
-                                worker_options)
+from jaxlm.token_stream import (FORMAT as STREAM_FORMAT, StreamRows, build_once, stream_batches,
+                                token_index, worker_options)
 from jaxlm.tokenizer import Tokenizer, padding_id, tokenizer_files
 
 Example = dict[str, np.ndarray]
@@ -128,17 +127,12 @@ def _prepared_builder(cfg: DataConfig, objective: str) -> tfds.core.DatasetBuild
         return builder
     if not builder_cls.documents(corpus):  # read only when building: a big corpus takes seconds
         raise UserError(f"data.dataset {cfg.dataset}: the corpus is empty; point data.paths at text")
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(data_dir / f".{builder.name}-{corpus.name}.lock", "w")
-    except OSError as err:
-        raise UserError(f"data.cache_dir {data_dir} is not writable: {err.strerror}") from None
-    # Processes sharing a disk build one after the other: the first builds, the rest find it built.
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not builder.is_prepared():
-            _remove_stale_builds(builder)
-            builder.download_and_prepare()
+
+    def build() -> None:
+        _remove_stale_builds(builder)
+        builder.download_and_prepare()
+
+    build_once(data_dir, f"{builder.name}-{corpus.name}", builder.is_prepared, build)
     return builder
 
 

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import numpy as np
@@ -106,22 +106,34 @@ def token_index(source: Any, tokenizer: Tokenizer, cache_key: str | None, cache_
     root = Path(cache_dir).expanduser() / "tokens"
     key = hashlib.sha256(f"{FORMAT}\0{cache_key}".encode()).hexdigest()[:16]
     final = root / key
-    if not (final / "meta.json").exists():
+
+    def build() -> None:
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            lock = open(root / f".{key}.lock", "w")
-        except OSError as err:
-            raise UserError(f"data.cache_dir {root} is not writable: {err.strerror}") from None
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (final / "meta.json").exists():
-                staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-                try:
-                    _write_index(source, tokenizer, worker_count, staging)
-                    os.replace(staging, final)
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
+            _write_index(source, tokenizer, worker_count, staging)
+            os.replace(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    build_once(root, key, lambda: (final / "meta.json").exists(), build)
     return _read_index(final)
+
+
+def build_once(directory: Path, name: str, built: Callable[[], bool],
+               build: Callable[[], None]) -> None:
+    """Runs `build` unless `built()`. Processes sharing the disk build one after the other (an
+    flock on `directory`/.NAME.lock): the first builds, the rest find it built."""
+    if built():
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = open(directory / f".{name}.lock", "w")
+    except OSError as err:
+        raise UserError(f"data.cache_dir {directory} is not writable: {err.strerror}") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built():
+            build()
 
 
 class StreamRows:
