@@ -52,7 +52,7 @@ class ModelConfig:
     attention: Literal["xla", "cudnn", "splash"] = "xla"  # unsupported here -> xla, one warning
     causal: bool | None = None  # None: decoder for clm/seq2seq_lm, encoder for mlm/classify
     dropout: float = 0.0  # embedding, attention and residual dropout while training
-    scan_layers: bool = True  # False: the layer loop unrolled (same params; faster when shallow)
+    scan_layers: bool | None = None  # None: unrolled up to UNROLL_MAX_LAYERS layers, else scanned
     num_labels: int | None = None  # classify: None means the number of labels in the data
 
 
@@ -365,6 +365,19 @@ def _validate_task(cfg: Config) -> None:
                         "classify chooses between an encoder and a decoder")
     if cfg.data.nsp and cfg.objective != "mlm":
         raise UserError("data.nsp (next-sentence prediction) needs objective mlm")
+
+
+# model.scan_layers null unrolls models this shallow: measured 1.25-1.5x faster steps for 4-layer
+# and 1.28x for 8-layer d_model 128 models on CPU, for +0.7 s of compile at 8 layers (scanned:
+# flat at ~2.3 s; unrolled 32 layers: 7.1 s); a 25M 8-layer model is within noise either way.
+UNROLL_MAX_LAYERS = 8
+
+
+def scans_layers(model: ModelConfig) -> bool:
+    """Whether the layer loop runs as one `lax.scan` (else unrolled; the params are the same)."""
+    if model.scan_layers is None:
+        return model.n_layers > UNROLL_MAX_LAYERS
+    return model.scan_layers
 
 
 def kv_heads(model: ModelConfig) -> int:

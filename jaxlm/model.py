@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.attention import dot_product_attention, dropout_attention
-from jaxlm.config import ModelConfig, head_dim, kv_heads
+from jaxlm.config import ModelConfig, head_dim, kv_heads, scans_layers
 from jaxlm.sharding import constrain
 
 Array = jax.Array
@@ -256,7 +256,7 @@ class Transformer(nnx.Module):
         self.causal = causal
         self.remat = remat
         self.dropout = cfg.dropout
-        self.scan_layers = cfg.scan_layers
+        self.scan_layers = scans_layers(cfg)
         with nnx.use_eager_sharding(False):
             self.embed = nnx.Embed(
                 cfg.vocab_size,

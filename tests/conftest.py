@@ -61,7 +61,8 @@ def tiny_config(corpus: Path, cache_dir: Path, run_dir: Path, **train) -> Config
         name="test",
         seed=0,
         compilation_cache_dir=str(cache_dir / "xla"),
-        model=ModelConfig(vocab_size=None, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64),
+        model=ModelConfig(vocab_size=None, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64,
+                          scan_layers=True),  # the path of deep models (test_model unrolls it)
         data=DataConfig(
             dataset="text_files",
             paths=(str(corpus / "*.py"),),
@@ -89,7 +90,8 @@ def config_file(tmp_path, corpus, cache_dir, **sections):
     raw = {
         "name": "cli",
         "compilation_cache_dir": str(cache_dir / "xla"),
-        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 64},
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 64,
+                  "scan_layers": True},
         "data": {"dataset": "text_files", "paths": [str(corpus / "*.py")], "seq_len": 32,
                  "validation_percent": 20.0, "cache_dir": str(cache_dir)},
         "train": {"run_dir": str(tmp_path / "run"), "steps": 8, "batch_size": 8, "log_every": 4,

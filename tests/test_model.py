@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, scans_layers
 from jaxlm.model import Transformer, count_params
 from jaxlm.objectives import weighted_sums
 
@@ -254,3 +254,9 @@ def test_gqa_shares_kv_heads_and_token_types_change_the_output():
     np.testing.assert_array_equal(model(tokens, ones, positions),
                                   model(tokens, ones, positions, jnp.zeros_like(tokens)))
     assert not np.allclose(model(tokens, ones, positions), model(tokens, ones, positions, ones))
+
+
+@pytest.mark.parametrize("layers, setting, scanned", [(8, None, False), (9, None, True),
+                                                      (2, True, True), (12, False, False)])
+def test_scan_layers_null_unrolls_shallow_models_only(layers, setting, scanned):
+    assert scans_layers(dataclasses.replace(CFG, n_layers=layers, scan_layers=setting)) == scanned
