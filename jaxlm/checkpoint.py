@@ -136,8 +136,9 @@ def _handlers(params_write_bytes: int | None) -> dict[str, Any] | None:
     if params_write_bytes is None:
         return None
     # In GB as a float (Orbax multiplies by 1e9), with 1 MiB to spare for the rounding.
-    arrays = ocp.StandardCheckpointHandler(save_concurrent_gb=(params_write_bytes + 2**20) / 1e9)
-    return {"params": arrays, "opt": arrays, "config": ocp.JsonCheckpointHandler(),
+    arrays = lambda: ocp.StandardCheckpointHandler(
+        save_concurrent_gb=(params_write_bytes + 2**20) / 1e9)
+    return {"params": arrays(), "opt": arrays(), "config": ocp.JsonCheckpointHandler(),
             "dataset": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
 
 
@@ -253,6 +254,10 @@ class Checkpointer:
 
     def restore_config_dict(self, step: int) -> dict[str, Any]:
         return self._read(step, {"config": ocp.args.JsonRestore()}).config
+
+    def has_data(self, step: int) -> bool:
+        """Whether checkpoint `step` holds a data iterator position (imported models hold none)."""
+        return (self.step_dir(step) / "data").is_dir()
 
     def restore_dataset(self, step: int) -> dict[str, Any] | None:
         """The dataset manifest saved with the checkpoint (None: saved before manifests existed)."""

@@ -3,7 +3,7 @@ run loads its compiled programs instead of compiling them again."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -16,7 +16,7 @@ MIN_COMPILE_SECONDS = 0.1
 def use_compilation_cache(directory: str) -> None:
     """Points JAX's cache at `directory` ("" turns it off). JAX reads the setting once, at its first
     compile, so a different directory later in the same process needs the cache reset."""
-    path = str(Path(directory).expanduser()) if directory else None
+    path = os.path.expanduser(directory) if directory else None  # a gs:// path stays one
     if jax.config.jax_compilation_cache_dir == path:
         return
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)

@@ -253,7 +253,7 @@ def stream_cache_key(source: Any, tokenizer_spec: str) -> str | None:
     identity = getattr(source, "identity", None)
     if identity is None:
         return None
-    digest = hashlib.sha256(tokenizer_spec.encode())
+    digest = hashlib.sha256(tokenizer_spec.split(":", 1)[0].encode())  # bytes | its kind
     for path in tokenizer_files(tokenizer_spec):
         digest.update(path.read_bytes())
     return f"{identity}\0{digest.hexdigest()}"
@@ -388,14 +388,12 @@ def label_names(cfg: DataConfig) -> list[str]:
 def dataset_manifest(cfg: DataConfig, objective: str = "clm") -> dict[str, Any] | None:
     """What a checkpoint's data position refers to: each source file's content digest by its
     corpus-relative path (None for TFDS catalog datasets, which are versioned by TFDS)."""
+    stream = {} if objective in TASK_OBJECTIVES else {"stream": STREAM_FORMAT}  # text rows
     if cfg.dataset not in LOCAL_DATASETS:
-        return None
+        return {"dataset": cfg.dataset, **stream} if stream else None
     builder_cls, corpus = _corpus(cfg, objective)
     files = {
         str(path.relative_to(corpus.root)): hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         for path in builder_cls.files(corpus)
     }
-    manifest = {"dataset": cfg.dataset, "files": files}
-    if objective not in TASK_OBJECTIVES:  # text: rows are slices of the token stream
-        manifest["stream"] = STREAM_FORMAT
-    return manifest
+    return {"dataset": cfg.dataset, "files": files, **stream}

@@ -39,7 +39,7 @@ SAFE_TO_CHANGE = (
     "train.grad_accum_steps",
     "model.attention",
     "model.scan_layers",
-    "data.prefetch_batches",  # (not data.worker_count: workers reorder the batches, and the
+    "data.prefetch_batches",  # (not data.worker_count: workers reorder task batches, and the
     # saved iterator state of one worker count does not restore into another)
     "init_from",  # only read when a run starts
     "init_heads",
@@ -84,6 +84,9 @@ def check_resumable(saved: dict[str, Any], cfg: Config, step: int, force: bool) 
     return described
 
 
+PIPELINE_CHANGE = "data pipeline"
+
+
 def dataset_changes(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> str:
     """'' if the corpus is the one a checkpoint was trained on, else what changed, counted."""
     if saved is None or now is None or saved == now:
@@ -91,7 +94,7 @@ def dataset_changes(saved: dict[str, Any] | None, now: dict[str, Any] | None) ->
     if saved.get("dataset") != now.get("dataset"):
         return f"dataset {saved.get('dataset')} -> {now.get('dataset')}"
     if saved.get("stream") != now.get("stream"):  # the rows are cut another way
-        return (f"data pipeline {saved.get('stream', 'one stream per batch row')} -> "
+        return (f"{PIPELINE_CHANGE} {saved.get('stream', 'one stream per batch row')} -> "
                 f"{now.get('stream', 'one stream per batch row')}")
     old, new = saved.get("files", {}), now.get("files", {})
     counts = {
@@ -142,7 +145,16 @@ def resume_plan(checkpointer: Checkpointer, step: int, cfg: Config, dataset: dic
     accepted = check_resumable(saved, cfg, step, force)
     restart = [k for k in config_changes(saved, cfg)
                if k.startswith(DATA_LAYOUT) and not k.startswith(SAFE_TO_CHANGE)]
-    changed = dataset_changes(checkpointer.restore_dataset(step), dataset)
+    saved_dataset = checkpointer.restore_dataset(step)
+    if saved_dataset is None and checkpointer.has_data(step):  # a TFDS catalog dataset's, before
+        saved_dataset = {"dataset": (dataset or {}).get("dataset")}  # the stream had a manifest
+    changed = dataset_changes(saved_dataset, dataset)
+    if changed.startswith(PIPELINE_CHANGE) and not force:
+        raise UserError(
+            f"checkpoint {step} was written by an earlier data pipeline (one stream per batch row); "
+            "its data position does not apply to the token stream: pass --force-resume to "
+            "restart the data stream, or start a new train.run_dir"
+        )
     if changed and not force:
         raise UserError(
             f"the corpus changed since checkpoint {step} was written ({changed}); its data position "

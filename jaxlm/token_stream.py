@@ -15,8 +15,8 @@ What it trades: each host tokenizes the whole split once (in grain workers when
 
 from __future__ import annotations
 
+import array
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -35,7 +35,8 @@ from jaxlm.tokenizer import Tokenizer
 Example = dict[str, np.ndarray]
 # Part of the cache key: bump when the file layout or the tokenization rule changes.
 FORMAT = "token-stream-1"
-# Epoch orders (and their cumulative lengths) kept; a batch spans at most two epochs.
+# Epoch orders (and their cumulative lengths) kept per stream: a batch of a corpus larger than
+# the batch spans at most two (a smaller corpus recomputes its few documents' orders).
 _EPOCHS_KEPT = 2
 
 
@@ -75,17 +76,31 @@ def worker_options(worker_count: int) -> grain.MultiprocessingOptions:
 
 
 def _write_index(source: Any, tokenizer: Tokenizer, worker_count: int, directory: Path) -> None:
-    offsets = [0]
+    """tokens.bin (every document's tokens, end to end), offsets.npy, then meta.json: a directory
+    with meta.json is complete."""
+    offsets = array.array("q", [0])  # 8 bytes a document, however many there are
     with (directory / "tokens.bin").open("wb") as out:
         for ids in _tokenized(source, tokenizer, worker_count):
             ids.tofile(out)
             offsets.append(offsets[-1] + len(ids))
-    np.save(directory / "offsets.npy", np.asarray(offsets, np.int64))
+    np.save(directory / "offsets.npy", np.frombuffer(offsets, np.int64))
     (directory / "meta.json").write_text(json.dumps({"dtype": _token_dtype(tokenizer).name,
                                                      "documents": len(source)}))
 
 
+def _complete(directory: Path) -> bool:
+    """Whether `directory` holds a whole index (its token file as long as its offsets say)."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        count = int(np.load(directory / "offsets.npy", mmap_mode="r")[-1])
+        size = (directory / "tokens.bin").stat().st_size
+    except (OSError, ValueError, KeyError):
+        return False
+    return size == count * np.dtype(meta["dtype"]).itemsize
+
+
 def _read_index(directory: Path) -> TokenIndex:
+    """The index in `directory`, its tokens memory-mapped (read as rows need them)."""
     dtype = np.dtype(json.loads((directory / "meta.json").read_text())["dtype"])
     offsets = np.load(directory / "offsets.npy")
     tokens = (np.memmap(directory / "tokens.bin", dtype=dtype, mode="r", shape=(int(offsets[-1]),))
@@ -108,14 +123,19 @@ def token_index(source: Any, tokenizer: Tokenizer, cache_key: str | None, cache_
     final = root / key
 
     def build() -> None:
+        for leftover in [final, *root.glob(f".{key}-*")]:  # a damaged index, killed builds
+            shutil.rmtree(leftover, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
             _write_index(source, tokenizer, worker_count, staging)
+            umask = os.umask(0)
+            os.umask(umask)
+            staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide it from other users
             os.replace(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    build_once(root, key, lambda: (final / "meta.json").exists(), build)
+    build_once(root, key, lambda: _complete(final), build)
     return _read_index(final)
 
 
@@ -145,12 +165,16 @@ class StreamRows:
         if index.total == 0:
             raise UserError("the training split has no tokens; add text to the corpus")
         self.index, self.seq_len, self.seed = index, seq_len, seed
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    @functools.lru_cache(maxsize=_EPOCHS_KEPT)
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(document order, cumulative token counts with a leading 0) of `epoch`."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.index))
-        return order, np.concatenate([[0], np.cumsum(self.index.lengths[order])])
+        if epoch not in self._epochs:
+            if len(self._epochs) >= _EPOCHS_KEPT:
+                del self._epochs[min(self._epochs)]
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.index))
+            self._epochs[epoch] = order, np.concatenate([[0], np.cumsum(self.index.lengths[order])])
+        return self._epochs[epoch]
 
     def _span(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, document number per token) of stream positions [start, stop)."""

@@ -1,6 +1,7 @@
 """Restarts: after kill -9 (real subprocesses), over unreadable checkpoints, with edited configs."""
 
 import dataclasses
+import json
 import random
 import shutil
 import signal
@@ -198,3 +199,18 @@ def test_a_checkpoint_of_the_per_row_streams_names_the_pipeline_change():
     saved = {"dataset": "python_stdlib", "files": {"a.py": "1"}}
     now = {**saved, "stream": "token-stream-1"}
     assert dataset_changes(saved, now) == "data pipeline one stream per batch row -> token-stream-1"
+
+
+def test_a_checkpoint_of_the_old_pipeline_is_refused_then_restarts_its_data_when_forced(tiny_cfg,
+                                                                                         capsys):
+    train(tiny_cfg, show_progress=False)  # checkpoints at 3 and 6
+    for step in (3, 6):  # as the per-row-stream pipeline wrote them: no "stream" in the manifest
+        manifest = tiny_cfg.run_dir / "checkpoints" / str(step) / "dataset" / "metadata"
+        manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items()
+                                        if k != "stream"}))
+    longer = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, steps=8))
+    with pytest.raises(UserError, match="written by an earlier data pipeline"):
+        train(longer, show_progress=False)
+    capsys.readouterr()
+    train(longer, show_progress=False, force_resume=True)
+    assert "the data stream restarts from its beginning" in capsys.readouterr().err

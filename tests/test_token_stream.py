@@ -85,3 +85,11 @@ def test_a_cached_index_is_built_once_and_keyed_by_its_inputs(tmp_path, monkeypa
     np.testing.assert_array_equal(built.offsets, again.offsets)
     with pytest.raises(pytest.fail.Exception, match="built twice"):
         token_index(DOCS, ByteTokenizer(), "corpus-b", str(tmp_path))
+
+
+def test_a_truncated_cached_index_is_rebuilt(tmp_path):
+    expected = np.array(token_index(DOCS, ByteTokenizer(), "corpus-a", str(tmp_path)).tokens)
+    (tokens_file,) = (tmp_path / "tokens").glob("*/tokens.bin")
+    tokens_file.write_bytes(tokens_file.read_bytes()[:10])
+    again = token_index(DOCS, ByteTokenizer(), "corpus-a", str(tmp_path))
+    np.testing.assert_array_equal(expected, np.asarray(again.tokens))
