@@ -5,9 +5,9 @@ The split is tokenized once (each document as [bos] ids [eos]) into a flat token
 of the stream is every document in a seeded shuffled order, concatenated; row g of the stream is
 its tokens [g L, (g+1) L). Batch i is rows i B .. (i+1) B - 1, and a process builds only its own
 rows, reading only the documents they overlap. So any corpus of one document or more serves any
-batch size, the global batch is the same for any process count, a batch is a pure function of
-its index (the data iterator's checkpoint state is that index), and grain workers, which split
-batch indices, cannot change the batches.
+batch size, the global batch is the same for any process count, and a batch is a pure function
+of its index (the data iterator's checkpoint state is that index; grain workers only tokenize,
+so their number cannot change the batches).
 
 What it trades: each host tokenizes the whole split once (in grain workers when
 `data.worker_count` > 0) before its first batch; afterwards a start reads the cached file.
@@ -132,6 +132,9 @@ def token_index(source: Any, tokenizer: Tokenizer, cache_key: str | None, cache_
             os.umask(umask)
             staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide it from other users
             os.replace(staging, final)
+        except OSError as err:  # a full disk: nothing half-written is left to be read
+            raise UserError(f"writing the token cache in {root} failed ({err.strerror}); free "
+                            "space there or point data.cache_dir elsewhere") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -1,9 +1,11 @@
 """The persistent compilation cache: a second command on a run loads its programs, not compiles."""
 
 import jax
+import pytest
 
 from conftest import jaxlm_cli
 from jaxlm.compile_cache import use_compilation_cache
+from jaxlm.errors import UserError
 
 LOG_COMPILES = {"JAX_LOG_COMPILES": "true"}  # jax then logs each persistent-cache hit
 
@@ -26,3 +28,9 @@ def test_an_empty_directory_turns_the_cache_off(tmp_path):
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
     use_compilation_cache("")
     assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_a_file_as_the_cache_directory_is_a_one_line_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="compilation_cache_dir .* cannot be created"):
+        use_compilation_cache(str(tmp_path / "afile"))

@@ -7,6 +7,7 @@ import pytest
 
 from jaxlm import token_stream
 from jaxlm.data import train_pipeline
+from jaxlm.errors import UserError
 from jaxlm.objectives import clm_example
 from jaxlm.token_stream import StreamRows, token_index
 from jaxlm.tokenizer import BOS_ID, ByteTokenizer
@@ -93,3 +94,13 @@ def test_a_truncated_cached_index_is_rebuilt(tmp_path):
     tokens_file.write_bytes(tokens_file.read_bytes()[:10])
     again = token_index(DOCS, ByteTokenizer(), "corpus-a", str(tmp_path))
     np.testing.assert_array_equal(expected, np.asarray(again.tokens))
+
+
+def test_a_failed_cache_write_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatch):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(token_stream, "_write_index", full_disk)
+    with pytest.raises(UserError, match="No space left on device"):
+        token_index(DOCS, ByteTokenizer(), "corpus-a", str(tmp_path))
+    assert all(p.name.endswith(".lock") for p in (tmp_path / "tokens").iterdir())
