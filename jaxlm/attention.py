@@ -70,17 +70,22 @@ def dot_product_attention(
     )
 
 
-def dropout_attention(q_BxLxHxK: Array, k_BxLxHxK: Array, v_BxLxHxK: Array, segment_ids_BxL: Array,
-                      causal: bool, drop: Callable[[Array], Array]) -> Array:
+def dropout_attention(q_BxLxHxK: Array, k_BxMxHxK: Array, v_BxMxHxK: Array, mask_Bx1xLxM: Array,
+                      drop: Callable[[Array], Array]) -> Array:
     """The XLA reference written out, with `drop` applied to the attention probabilities (the
     fused kernels have no dropout); used only by training steps with model.dropout > 0."""
-    groups = q_BxLxHxK.shape[2] // k_BxLxHxK.shape[2]  # grouped-query attention: G kv heads
-    k_BxLxHxK, v_BxLxHxK = (jnp.repeat(t, groups, axis=2) for t in (k_BxLxHxK, v_BxLxHxK))
+    groups = q_BxLxHxK.shape[2] // k_BxMxHxK.shape[2]  # grouped-query attention: G kv heads
+    k_BxMxHxK, v_BxMxHxK = (jnp.repeat(t, groups, axis=2) for t in (k_BxMxHxK, v_BxMxHxK))
     scale = 1.0 / np.sqrt(q_BxLxHxK.shape[-1])
-    scores_BxHxLxL = jnp.einsum("BLHK,BMHK->BHLM", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32) * scale
-    scores_BxHxLxL = jnp.where(attention_mask(segment_ids_BxL, causal), scores_BxHxLxL, -1e30)
-    probs_BxHxLxL = drop(jax.nn.softmax(scores_BxHxLxL, axis=-1)).astype(v_BxLxHxK.dtype)
-    return jnp.einsum("BHLM,BMHK->BLHK", probs_BxHxLxL, v_BxLxHxK)
+    scores_BxHxLxM = jnp.einsum("BLHK,BMHK->BHLM", q_BxLxHxK, k_BxMxHxK).astype(jnp.float32) * scale
+    scores_BxHxLxM = jnp.where(mask_Bx1xLxM, scores_BxHxLxM, -1e30)
+    probs_BxHxLxM = drop(jax.nn.softmax(scores_BxHxLxM, axis=-1)).astype(v_BxMxHxK.dtype)
+    return jnp.einsum("BHLM,BMHK->BLHK", probs_BxHxLxM, v_BxMxHxK)
+
+
+def cross_attention_mask(q_segment_ids_BxL: Array, kv_segment_ids_BxM: Array) -> Array:
+    """Bx1xLxM boolean: a decoder token sees the encoder tokens of its own packed pair."""
+    return (q_segment_ids_BxL[:, :, None] == kv_segment_ids_BxM[:, None, :])[:, None]
 
 
 def _unsupported(implementation: str, q_BxLxHxK: Array) -> str:

@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="nucleus sampling: from the likeliest tokens whose probability reaches p; 1 = all",
     )
     generate.add_argument("--seed", type=_number(int, SEED), default=0, help="sampling seed")
-    _add_input_file(generate, "seq2seq_lm runs: complete the input of each record (JSONL, or CSV by "
-                    "its .csv suffix; field data.fields.input), printed as one JSON line per record: "
+    _add_input_file(generate, "seq2seq and seq2seq_lm runs: complete the input of each record "
+                    "(JSONL, or CSV by its .csv suffix; field data.fields.input), printed as one "
+                    "JSON line per record: "
                     '{"input": ..., "text": ...}')
     _add_overrides(generate)
     _add_predict(commands, run_help)
@@ -272,7 +273,7 @@ def _eval(args: argparse.Namespace) -> None:
     result = {"run": str(args.run), "step": step, "split": split, **evaluator(params, args.batches)}
     if cfg.objective == "mlm" and args.pseudo_ppl_examples:
         result.update(evaluator.pseudo_perplexity(params, args.pseudo_ppl_examples))
-    if cfg.objective == "seq2seq_lm":  # greedy completions of as many records as batches hold
+    if cfg.objective in ("seq2seq_lm", "seq2seq"):  # greedy completions of as many records as batches hold
         count = args.batches * cfg.train.batch_size if args.batches else len(source)
         result.update(exact_match(setup, params, tokenizer, source, count))
     if jax.process_index() == 0:
@@ -282,12 +283,13 @@ def _eval(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from jaxlm.run import load_run
     from jaxlm.generate import generate
-    from jaxlm.objectives import is_causal
+    from jaxlm.config import architecture
     from jaxlm.tokenizer import load_tokenizer
 
     cfg, setup, params, _ = load_run(args.run, args.step, args.overrides)
-    if not is_causal(cfg.objective, cfg.model.causal) or cfg.objective == "classify":
-        raise UserError(f"generate needs a causal LM; {args.run} was trained with {cfg.objective}")
+    if architecture(cfg) == "encoder" or cfg.objective == "classify":
+        raise UserError(f"generate needs a causal LM or an encoder-decoder; {args.run} was trained "
+                        f"with {cfg.objective}")
     if args.input_file is not None:
         from jaxlm.cli_tasks import generate_file
 

@@ -23,10 +23,10 @@ from jaxlm.tokenizer import load_tokenizer
 
 def generate_file(args: argparse.Namespace, cfg: Config, setup: Setup, params: Any) -> None:
     """`generate --input-file`: one completion per record of a seq2seq run."""
-    if cfg.objective != "seq2seq_lm":
-        raise UserError(f"--input-file needs a seq2seq_lm run; {args.run} was trained with "
-                        f"{cfg.objective} (use --prompt)")
-    records = [r for _, r in read_inference_file(args.input_file, "seq2seq_lm", cfg.data.fields)]
+    if cfg.objective not in ("seq2seq_lm", "seq2seq"):
+        raise UserError(f"--input-file needs a seq2seq or seq2seq_lm run; {args.run} was trained "
+                        f"with {cfg.objective} (use --prompt)")
+    records = [r for _, r in read_inference_file(args.input_file, cfg.objective, cfg.data.fields)]
     inputs = [formatted(r, "input", cfg.data.template) for r in records]
     texts = complete(setup, params, load_tokenizer(cfg.data.tokenizer), inputs,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -51,6 +51,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     attention: Literal["xla", "cudnn", "splash"] = "xla"  # unsupported here -> xla, one warning
     causal: bool | None = None  # None: decoder for clm/seq2seq_lm, encoder for mlm/classify
+    # None: from the objective (encoder_decoder for span_corruption and seq2seq, else model.causal)
+    architecture: Literal["decoder", "encoder", "encoder_decoder"] | None = None
+    n_encoder_layers: int | None = None  # encoder_decoder: None means n_layers
+    n_decoder_layers: int | None = None  # encoder_decoder: None means n_layers
     dropout: float = 0.0  # embedding, attention and residual dropout while training
     scan_layers: bool | None = None  # None: unrolled up to UNROLL_MAX_LAYERS layers, else scanned
     num_labels: int | None = None  # classify: None means the number of labels in the data
@@ -62,7 +66,7 @@ class DataConfig:
     paths: tuple[str, ...] = ()  # text_files: files or globs; jsonl/csv: the (training) records
     validation_paths: tuple[str, ...] = ()  # jsonl/csv: validation records (else a hash split)
     fields: dict[str, str] = field(default_factory=dict)  # jsonl/csv: role -> column name
-    template: str = ""  # seq2seq_lm/classify: formats the input (text), e.g. "Q: {input}\n"
+    template: str = ""  # seq2seq(_lm)/classify: formats the input (text), e.g. "Q: {input}\n"
     nsp: bool = False  # mlm: sentence pairs with the next-sentence-prediction loss
     split_paragraphs: bool = False  # text_files: one document per blank-line-separated paragraph
     validation_percent: float = 5.0  # python_stdlib / text_files: share of documents held out
@@ -73,6 +77,11 @@ class DataConfig:
     seq_len: int = 256
     cache_dir: str = "~/.cache/jaxlm"
     mask_rate: float = 0.15  # mlm: share of non-special tokens selected for prediction
+    # encoder_decoder: decoder tokens per row (None: seq_len for seq2seq, what span_corruption's
+    # targets take at most)
+    target_len: int | None = None
+    noise_density: float = 0.15  # span_corruption: share of tokens dropped from the input
+    mean_span_length: float = 3.0  # span_corruption: mean length of a dropped span
     whole_word_mask: bool = False  # mlm + sentencepiece: select whole words, not single pieces
     worker_count: int = 0  # grain worker processes (0: read in the training process)
     prefetch_batches: int = 2  # batches prepared ahead and placed on device
@@ -139,7 +148,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = "default"
-    objective: Literal["clm", "mlm", "seq2seq_lm", "classify"] = "clm"
+    objective: Literal["clm", "mlm", "seq2seq_lm", "classify", "span_corruption", "seq2seq"] = "clm"
     seed: int = 0
     init_from: str = ""  # RUN_DIR[@STEP] or hf:DIR: start from those params (fresh optimizer)
     init_heads: Literal["strict", "reinit"] = "strict"  # init_from: heads must match | made fresh
@@ -340,17 +349,23 @@ def validate(cfg: Config) -> None:
 
 
 TASK_ROLES = ("input", "target", "text", "text_pair", "label")
+# Objectives that read labelled records (jsonl/csv), and those that train an encoder-decoder.
+RECORD_OBJECTIVES = ("seq2seq_lm", "classify", "seq2seq")
+ENCODER_DECODER_OBJECTIVES = ("span_corruption", "seq2seq")
+# The architecture each objective needs (classify: either single stack).
+OBJECTIVE_ARCHITECTURE = {"clm": "decoder", "seq2seq_lm": "decoder", "mlm": "encoder",
+                          "span_corruption": "encoder_decoder", "seq2seq": "encoder_decoder"}
 
 
 def _validate_task(cfg: Config) -> None:
-    """Checks of the task-data, head and dropout keys."""
+    """Checks of the task-data, architecture, head and dropout keys."""
     task_data = cfg.data.dataset in ("jsonl", "csv")
-    if cfg.objective in ("seq2seq_lm", "classify") and not task_data:
+    if cfg.objective in RECORD_OBJECTIVES and not task_data:
         raise UserError(f"objective {cfg.objective} reads labelled records: set data.dataset to "
                         "jsonl or csv and data.paths to the files")
-    if task_data and cfg.objective not in ("seq2seq_lm", "classify"):
+    if task_data and cfg.objective not in RECORD_OBJECTIVES:
         raise UserError(f"data.dataset {cfg.data.dataset} holds task records; use objective "
-                        "seq2seq_lm or classify (or text_files for plain text)")
+                        "seq2seq, seq2seq_lm or classify (or text_files for plain text)")
     unknown = sorted(set(cfg.data.fields) - set(TASK_ROLES))
     if unknown:
         raise UserError(f"data.fields has unknown roles {unknown}; roles are {list(TASK_ROLES)}")
@@ -363,8 +378,48 @@ def _validate_task(cfg: Config) -> None:
     if cfg.model.causal is not None and fixed is not None and cfg.model.causal != fixed:
         raise UserError(f"objective {cfg.objective} needs model.causal {fixed} (or null); only "
                         "classify chooses between an encoder and a decoder")
+    _validate_architecture(cfg)
     if cfg.data.nsp and cfg.objective != "mlm":
         raise UserError("data.nsp (next-sentence prediction) needs objective mlm")
+
+
+def _validate_architecture(cfg: Config) -> None:
+    """model.architecture against the objective and model.causal."""
+    chosen, needed = architecture(cfg), OBJECTIVE_ARCHITECTURE.get(cfg.objective)
+    if needed is not None and chosen != needed:
+        raise UserError(f"objective {cfg.objective} needs model.architecture {needed} (or null)")
+    if chosen == "encoder_decoder" and cfg.objective not in ENCODER_DECODER_OBJECTIVES:
+        raise UserError(f"model.architecture encoder_decoder trains with objective span_corruption "
+                        f"or seq2seq, not {cfg.objective}")
+    causal = cfg.model.causal
+    if cfg.model.architecture in ("decoder", "encoder") and causal is not None and causal != (
+            chosen == "decoder"):
+        raise UserError(f"model.architecture {chosen} and model.causal {causal} disagree; "
+                        "set one of them")
+    if chosen == "encoder_decoder" and cfg.data.target_len and (
+            cfg.data.target_len > cfg.model.max_seq_len):
+        raise UserError(f"data.target_len ({cfg.data.target_len}) exceeds model.max_seq_len "
+                        f"({cfg.model.max_seq_len}); lower one or raise the other")
+
+
+def architecture(cfg: Config) -> str:
+    """decoder | encoder | encoder_decoder: model.architecture, else what the objective implies
+    (a single stack follows model.causal, which defaults to a decoder for clm and seq2seq_lm)."""
+    if cfg.model.architecture is not None:
+        return cfg.model.architecture
+    if cfg.objective in ENCODER_DECODER_OBJECTIVES:
+        return "encoder_decoder"
+    causal = cfg.model.causal
+    return "decoder" if (cfg.objective in ("clm", "seq2seq_lm") if causal is None else causal) else (
+        "encoder")
+
+
+def decoder_layers(model: ModelConfig) -> int:
+    return model.n_decoder_layers or model.n_layers
+
+
+def encoder_layers(model: ModelConfig) -> int:
+    return model.n_encoder_layers or model.n_layers
 
 
 # model.scan_layers null unrolls models this shallow: measured 1.25-1.5x faster steps for 4-layer
@@ -373,10 +428,11 @@ def _validate_task(cfg: Config) -> None:
 UNROLL_MAX_LAYERS = 8
 
 
-def scans_layers(model: ModelConfig) -> bool:
-    """Whether the layer loop runs as one `lax.scan` (else unrolled; the params are the same)."""
+def scans_layers(model: ModelConfig, n_layers: int | None = None) -> bool:
+    """Whether a loop over `n_layers` (default model.n_layers) layers runs as one `lax.scan`
+    (else unrolled; the params are the same)."""
     if model.scan_layers is None:
-        return model.n_layers > UNROLL_MAX_LAYERS
+        return (n_layers or model.n_layers) > UNROLL_MAX_LAYERS
     return model.scan_layers
 
 

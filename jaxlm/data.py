@@ -24,8 +24,8 @@ from jaxlm.config import Config, DataConfig
 from jaxlm.datasets import tasks as task_files
 from jaxlm.datasets.corpus import CorpusConfig, PythonStdlib, TextFiles
 from jaxlm.errors import UserError
-from jaxlm.objectives import ExampleFn
-from jaxlm.tasks import PACKED_KEYS, TASK_OBJECTIVES, Encoder
+from jaxlm.objectives import ExampleFn, target_length
+from jaxlm.tasks import TASK_OBJECTIVES, Encoder
 from jaxlm.token_stream import (FORMAT as STREAM_FORMAT, StreamRows, build_once, stream_batches,
                                 token_index, worker_options)
 from jaxlm.tokenizer import Tokenizer, padding_id, tokenizer_files
@@ -210,13 +210,14 @@ def _packed(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int,
     pad = padding_id(tokenizer)
 
     def fill_padding(row: Example) -> Example:
-        return {**row, "tokens": np.where(row["tokens_segment_ids"] == 0, pad, row["tokens"])}
+        filled = {k: np.where(row[f"{k}_segment_ids"] == 0, pad, row[k])
+                  for k in ("tokens", "inputs", "decoder_inputs") if k in row}
+        return {**row, **filled}
 
     if encoder is not None:
         return grain.experimental.FirstFitPackIterDataset(
-            docs.map(encoder).to_iter_dataset(_READ_OPTIONS),
-            length_struct={k: seq_len for k in PACKED_KEYS}, num_packing_bins=PACKING_BINS,
-            shuffle_bins=False,
+            docs.map(encoder).to_iter_dataset(_READ_OPTIONS), length_struct=encoder.lengths,
+            num_packing_bins=PACKING_BINS, shuffle_bins=False,
         ).map(fill_padding)
     return grain.experimental.ConcatThenSplitIterDataset(
         docs.map(_tokenize_fn(tokenizer)).to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len}
@@ -228,13 +229,18 @@ def stack_rows(rows: tuple[Example, ...] | list[Example]) -> Example:
 
 
 def empty_batch(rows: int, seq_len: int, pad_id: int, token_types: bool = False,
-                nsp: bool = False) -> Example:
+                nsp: bool = False, target_len: int = 0) -> Example:
     """All padding (segment 0, weight 0): counts for nothing. `pad_id`: see tokenizer.padding_id;
     `token_types`: with the segment A/B ids of task and NSP batches; `nsp`: with the (zero-weight)
-    next-sentence labels of mlm + data.nsp batches."""
+    next-sentence labels of mlm + data.nsp batches; `target_len`: an encoder-decoder's batch with
+    decoder rows of that length."""
     ints = np.full((rows, seq_len), pad_id, np.int32)
     names = ("inputs", "targets", "segment_ids", "positions")
     batch = {**{k: ints for k in names}, "weights": np.zeros((rows, seq_len), np.float32)}
+    if target_len:
+        decoder = np.full((rows, target_len), pad_id, np.int32)
+        batch.update(decoder_inputs=decoder, decoder_segment_ids=decoder, decoder_positions=decoder,
+                     targets=decoder, weights=np.zeros((rows, target_len), np.float32))
     if token_types or nsp:
         batch["token_types"] = np.zeros((rows, seq_len), np.int32)
     if nsp:
@@ -243,9 +249,15 @@ def empty_batch(rows: int, seq_len: int, pad_id: int, token_types: bool = False,
     return batch
 
 
+def config_empty_batch(cfg: Config, rows: int, pad_id: int) -> Example:
+    """An all-padding batch of `cfg`'s shapes and keys."""
+    return empty_batch(rows, cfg.data.seq_len, pad_id, has_token_types(cfg), cfg.data.nsp,
+                       target_length(cfg))
+
+
 def has_token_types(cfg: Config) -> bool:
-    """Whether `cfg`'s batches carry token types (task records and NSP pairs do)."""
-    return cfg.data.nsp or cfg.objective in TASK_OBJECTIVES
+    """Whether `cfg`'s batches carry token types (single-stack task records and NSP pairs do)."""
+    return cfg.data.nsp or cfg.objective in ("seq2seq_lm", "classify")
 
 
 def stream_cache_key(source: Any, tokenizer_spec: str) -> str | None:
@@ -375,8 +387,9 @@ def pad_batch(batch: Example, rows: int, pad_id: int) -> Example:
     missing = rows - len(batch["inputs"])
     if missing == 0:
         return batch
+    target_len = batch["decoder_inputs"].shape[1] if "decoder_inputs" in batch else 0
     pad = empty_batch(missing, batch["inputs"].shape[1], pad_id, "token_types" in batch,
-                      "nsp_targets" in batch)
+                      "nsp_targets" in batch, target_len)
     return {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
 
 

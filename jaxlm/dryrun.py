@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import Config
-from jaxlm.data import empty_batch, has_token_types
+from jaxlm.data import config_empty_batch
 from jaxlm.state import Setup, make_setup, make_train_step
 
 
@@ -40,8 +40,7 @@ def dry_run(cfg: Config, devices: list[jax.Device] | None = None,
     the compile-only devices of a TPU topology); prints and returns the report, with whether the
     step fits in `hbm_bytes` per device (default: the first device's memory limit, if it has one)."""
     setup = make_setup(cfg, devices)
-    rows, length = cfg.train.batch_size, cfg.data.seq_len
-    shapes_only = empty_batch(rows, length, 0, has_token_types(cfg), cfg.data.nsp)
+    shapes_only = config_empty_batch(cfg, cfg.train.batch_size, 0)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
                       for k, v in shapes_only.items()}
     abstract_state = setup.abstract_sharded()

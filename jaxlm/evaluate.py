@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm.data import empty_batch, eval_pipeline, has_token_types, pad_batch, stack_rows
+from jaxlm.data import config_empty_batch, eval_pipeline, pad_batch, stack_rows
 from jaxlm.errors import UserError
-from jaxlm.objectives import example_fn, record_encoder
+from jaxlm.objectives import example_fn, record_encoder, row_length
 from jaxlm.sharding import batch_shards, global_batch
 from jaxlm.state import Setup, make_eval_step
 from jaxlm.task_eval import classification_summary
@@ -66,7 +66,7 @@ class Evaluator:
                 self.source,
                 self.tokenizer,
                 example_fn(cfg, self.tokenizer, self.source),
-                seq_len=cfg.data.seq_len,
+                seq_len=row_length(cfg),
                 local_batch=self.global_rows // jax.process_count(),
                 seed=cfg.seed,
                 process_index=jax.process_index(),
@@ -84,9 +84,7 @@ class Evaluator:
             if not _any_process_has_data(local is not None):
                 break
             if local is None:  # this process is done, others are not: join with padding
-                local = empty_batch(local_rows, self.setup.cfg.data.seq_len,
-                                    padding_id(self.tokenizer), has_token_types(self.setup.cfg),
-                                    self.setup.cfg.data.nsp)
+                local = config_empty_batch(self.setup.cfg, local_rows, padding_id(self.tokenizer))
             batch = global_batch(local, self.setup.batch_sharding)
             sums = self.step(params, batch, self.byte_lengths_V)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)

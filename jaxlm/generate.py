@@ -9,6 +9,10 @@ stops when it is full, at EOS, or after `max_new_tokens`; a longer prompt keeps 
 max_seq_len - 1 tokens. Prompts are padded to a power-of-two bucket, so a (batch, bucket) shape
 compiles once.
 
+An encoder-decoder encodes the prompts once (each row's input, [eos]-terminated, in encoder
+positions [0, n_b)), computes every decoder layer's cross-attention keys/values of it once, and
+decodes from [bos] at decoder slot 0 with the same self-attention cache and steps.
+
 With params sharded over a mesh (`jaxlm generate` on the run's own mesh fitted to the devices), the
 steps run under that mesh's rules: the cache is split like the batch and the heads, and a batch of
 prompts is padded with empty rows to a multiple of the batch shards.
@@ -27,8 +31,11 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import sharding
+from jaxlm.config import architecture
+from jaxlm.encdec import Seq2SeqCache
 from jaxlm.model import KVCache
 from jaxlm.state import Setup
+from jaxlm.tasks import encoder_input_ids
 from jaxlm.tokenizer import Tokenizer, unusable_ids
 
 MIN_BUCKET = 16
@@ -73,18 +80,22 @@ class Sampler:
     prefill(params, tokens_BxP, lengths_B, key) -> (first new token per row, cache)
     decode(params, cache, tokens_B, positions_B, key, step) -> (next token per row, cache): writes
     `tokens` at slot `positions`, samples with `key` folded with `step`; the cache is donated.
-    A batch has a multiple of `rows` rows (the mesh's batch shards).
+    A batch has a multiple of `rows` rows (the mesh's batch shards). `first_slot`: the cache slot
+    of the first new token (None: after the context, in the same cache; an encoder-decoder's 1).
     """
 
     window: int
     rows: int
-    prefill: Callable[..., tuple[jax.Array, KVCache]]
-    decode: Callable[..., tuple[jax.Array, KVCache]]
+    prefill: Callable[..., tuple[jax.Array, Any]]
+    decode: Callable[..., tuple[jax.Array, Any]]
+    first_slot: int | None = None
 
 
 def make_sampler(
-    setup: Setup, banned_V: np.ndarray, *, temperature: float, top_k: int, top_p: float
+    setup: Setup, banned_V: np.ndarray, *, temperature: float, top_k: int, top_p: float,
+    start_id: int = 0,
 ) -> Sampler:
+    """The jitted steps; `start_id` is the decoder's first input of an encoder-decoder ([bos])."""
     window = setup.cfg.model.max_seq_len
 
     def next_token(model: Any, x_BxD: jax.Array, key: jax.Array, step: jax.Array) -> jax.Array:
@@ -116,7 +127,24 @@ def make_sampler(
             x_Bx1xD, cache = model.cached(tokens_B[:, None], positions_B[:, None], cache)
         return next_token(model, x_Bx1xD[:, 0], key, step), cache
 
+    def prefill_encoded(
+        params: Any, tokens_BxP: jax.Array, lengths_B: jax.Array, key: jax.Array
+    ) -> tuple[jax.Array, Seq2SeqCache]:
+        model = nnx.merge(setup.model_def, params)
+        batch, length = tokens_BxP.shape
+        valid_BxP = jnp.arange(length) < lengths_B[:, None]
+        positions_BxP = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        start_Bx1 = jnp.full((batch, 1), start_id, jnp.int32)
+        with sharding.activation_sharding(setup.mesh, setup.rules):
+            encoded_BxPxD = model.encode(tokens_BxP, valid_BxP.astype(jnp.int32), positions_BxP)
+            cache = model.init_cache(encoded_BxPxD, valid_BxP, window)
+            x_Bx1xD, cache = model.cached(start_Bx1, jnp.zeros_like(start_Bx1), cache)
+        return next_token(model, x_Bx1xD[:, 0], key, 0), cache
+
     rows = sharding.batch_shards(setup.batch_sharding)
+    if architecture(setup.cfg) == "encoder_decoder":
+        return Sampler(window, rows, jax.jit(prefill_encoded), jax.jit(decode, donate_argnums=1),
+                       first_slot=1)
     return Sampler(window, rows, jax.jit(prefill), jax.jit(decode, donate_argnums=1))
 
 
@@ -140,7 +168,9 @@ def sample_ids(
         tokens_BxP[row, : len(context)] = context
     key = jax.random.key(seed)
     tokens_B, cache = sampler.prefill(params, tokens_BxP, lengths_B, key)
-    positions_B = lengths_B.copy()  # the slot each row's newest token goes to
+    # The slot each row's newest token goes to.
+    positions_B = lengths_B.copy() if sampler.first_slot is None else np.full_like(
+        lengths_B, sampler.first_slot)
     new: list[list[int]] = [[] for _ in contexts]
     done_B = np.arange(len(contexts)) >= asked  # padding rows are done from the start
     for step in range(1, max_new_tokens + 1):
@@ -174,8 +204,12 @@ def generate(
     """Continuations of `prompts` (a list gives a list), sampled as one batch with a KV cache."""
     batch = [prompts] if isinstance(prompts, str) else list(prompts)
     banned_V = banned_tokens(setup.cfg.model.vocab_size, tokenizer)
-    sampler = make_sampler(setup, banned_V, temperature=temperature, top_k=top_k, top_p=top_p)
-    contexts = [[tokenizer.bos_id, *tokenizer.encode(p).tolist()] for p in batch]
+    sampler = make_sampler(setup, banned_V, temperature=temperature, top_k=top_k, top_p=top_p,
+                           start_id=tokenizer.bos_id)
+    if sampler.first_slot is None:
+        contexts = [[tokenizer.bos_id, *tokenizer.encode(p).tolist()] for p in batch]
+    else:  # an encoder-decoder's input, as in training
+        contexts = [encoder_input_ids(tokenizer, p, sampler.window - 1) for p in batch]
     new = sample_ids(sampler, params, contexts, max_new_tokens=max_new_tokens, seed=seed,
                      eos_id=tokenizer.eos_id)
     texts = [tokenizer.decode(ids) for ids in new]

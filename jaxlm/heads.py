@@ -13,7 +13,8 @@ import dataclasses
 import jax
 from flax import nnx
 
-from jaxlm.config import Config, ModelConfig
+from jaxlm.config import Config, ModelConfig, architecture
+from jaxlm.encdec import EncoderDecoder
 from jaxlm.model import Transformer, _dense_init
 from jaxlm.objectives import weighted_sums
 
@@ -55,8 +56,10 @@ class ClassifierHead(nnx.Module):
         return self.out(x_BxLxD).astype(jax.numpy.float32)
 
 
-def build_model(cfg: Config, causal: bool, rngs: nnx.Rngs) -> Transformer:
+def build_model(cfg: Config, causal: bool, rngs: nnx.Rngs) -> Transformer | EncoderDecoder:
     """The backbone with the head of `cfg.objective`."""
+    if architecture(cfg) == "encoder_decoder":
+        return EncoderDecoder(cfg.model, rngs=rngs, remat=cfg.train.remat)
     model = Transformer(cfg.model, causal=causal, rngs=rngs, remat=cfg.train.remat)
     if cfg.objective == "classify":
         if cfg.model.num_labels is None:
@@ -75,6 +78,10 @@ def forward(model: Transformer, batch: dict[str, Array], objective: str,
             dropout_key: Array | None = None) -> Array:
     """Logits at every position: over the vocabulary, or over the classes for classify.
     `dropout_key` (training steps only) turns model.dropout on."""
+    if isinstance(model, EncoderDecoder):  # logits of the decoder positions
+        return model(batch["inputs"], batch["segment_ids"], batch["positions"],
+                     batch["decoder_inputs"], batch["decoder_segment_ids"],
+                     batch["decoder_positions"], dropout_key)
     if objective == "classify":
         hidden_BxLxD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"],
                                     batch.get("token_types"), dropout_key)

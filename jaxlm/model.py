@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.attention import dot_product_attention, dropout_attention
+from jaxlm.attention import attention_mask, dot_product_attention, dropout_attention
 from jaxlm.config import ModelConfig, head_dim, kv_heads, scans_layers
 from jaxlm.sharding import constrain
 
@@ -49,9 +49,9 @@ class Dropout(NamedTuple):
         return jnp.where(keep, x / (1 - self.rate), 0).astype(x.dtype)
 
 
-# Dropout salts: token embeddings, attention probabilities, the two residual branches, and the
-# split into per-layer keys.
-EMBED_DROP, ATTN_DROP, ATTN_OUT_DROP, MLP_OUT_DROP, LAYER_KEYS = range(5)
+# Dropout salts: token embeddings, attention probabilities, the two residual branches, the
+# split into per-layer keys, and (encoder-decoder) cross-attention probabilities and branch.
+EMBED_DROP, ATTN_DROP, ATTN_OUT_DROP, MLP_OUT_DROP, LAYER_KEYS, CROSS_DROP, CROSS_OUT_DROP = range(7)
 
 
 class KVCache(NamedTuple):
@@ -112,7 +112,9 @@ def _bias(cfg: ModelConfig, shape: tuple[int, ...], names: tuple[str, ...]) -> d
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """Multi-head attention; `rope` False (cross-attention) rotates nothing."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rope: bool = True):
         d, h, g, k = cfg.d_model, cfg.n_heads, kv_heads(cfg), head_dim(cfg)
         common = {"dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
         qkv = _dense_init(0.02, ("embed", "heads", "kv"))
@@ -127,7 +129,8 @@ class Attention(nnx.Module):
             "BLHK,HKD->BLD", (h, k, d), **_bias(cfg, (d,), ("embed",)),
             **_dense_init(out_std, ("heads", "kv", "embed")), **common
         )
-        self.rope_freqs = rope_frequencies(cfg) if cfg.position_embedding == "rope" else None
+        rotates = rope and cfg.position_embedding == "rope"
+        self.rope_freqs = rope_frequencies(cfg) if rotates else None
         self.implementation = cfg.attention
 
     def _qkv(self, x_BxLxD: Array, positions_BxL: Array) -> tuple[Array, Array, Array]:
@@ -143,7 +146,8 @@ class Attention(nnx.Module):
     ) -> Array:
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._qkv(x_BxLxD, positions_BxL)
         if drop is not None:  # training with dropout: the XLA reference with dropped probabilities
-            out_BxLxHxK = dropout_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, causal,
+            mask_Bx1xLxL = attention_mask(segment_ids_BxL, causal)
+            out_BxLxHxK = dropout_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL,
                                             lambda p: drop(p, ATTN_DROP))
             return self.o(out_BxLxHxK)
         out_BxLxHxK = dot_product_attention(
@@ -172,6 +176,22 @@ class Attention(nnx.Module):
         )
         return self.o(out_BxTxHxK), cache
 
+    def keys_values(self, context_BxMxD: Array) -> tuple[Array, Array]:
+        """Cross-attention keys and values of the encoder output (computed once to generate)."""
+        return self.k(context_BxMxD), self.v(context_BxMxD)
+
+    def cross(self, x_BxLxD: Array, kv: tuple[Array, Array], mask_Bx1xLxM: Array,
+              drop: Dropout | None = None) -> Array:
+        """Attention of `x` over the keys/values `kv` of another sequence where the mask allows."""
+        q_BxLxHxK, (k_BxMxGxK, v_BxMxGxK) = self.q(x_BxLxD), kv
+        if drop is not None:
+            out_BxLxHxK = dropout_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask_Bx1xLxM,
+                                            lambda p: drop(p, CROSS_DROP))
+        else:
+            out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK,
+                                                       mask=mask_Bx1xLxM, implementation="xla")
+        return self.o(out_BxLxHxK)
+
 
 class Mlp(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -195,7 +215,7 @@ class Mlp(nnx.Module):
         return self.down(h_BxLxF)
 
 
-def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm | nnx.LayerNorm:
+def make_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm | nnx.LayerNorm:
     """`model.norm`: RMSNorm (scale only) or LayerNorm (scale and bias, two-pass variance)."""
     common = {"epsilon": cfg.norm_eps, "dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype,
               "scale_metadata": {"out_sharding": ("embed",)}, "rngs": rngs}
@@ -210,9 +230,9 @@ class Block(nnx.Module):
     (pre-norm) or the residual sum after it (post-norm, BERT)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = _norm(cfg, rngs)
+        self.attn_norm = make_norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = _norm(cfg, rngs)
+        self.mlp_norm = make_norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
         self.post_norm = cfg.norm_position == "post"
 
@@ -234,19 +254,89 @@ class Block(nnx.Module):
 
     def _residuals(
         self, x_BxLxD: Array, attend: Callable[[Array], tuple[Array, Any]],
-        drop: Dropout | None = None,
+        drop: Dropout | None = None, cross: Callable[[Array], Array] | None = None,
     ) -> tuple[Array, Any]:
+        """Self-attention, then `cross`-attention (decoder blocks of an encoder-decoder, whose
+        `cross_norm` normalises it), then the MLP, each a residual branch."""
         branch = (lambda y, salt: y) if drop is None else drop  # dropout on each residual branch
         if self.post_norm:
             attn_BxLxD, cache = attend(x_BxLxD)
             x_BxLxD = self.attn_norm(x_BxLxD + branch(attn_BxLxD, ATTN_OUT_DROP))
+            if cross is not None:
+                x_BxLxD = self.cross_norm(x_BxLxD + branch(cross(x_BxLxD), CROSS_OUT_DROP))
             return self.mlp_norm(x_BxLxD + branch(self.mlp(x_BxLxD), MLP_OUT_DROP)), cache
         attn_BxLxD, cache = attend(self.attn_norm(x_BxLxD))
         x_BxLxD = x_BxLxD + branch(attn_BxLxD, ATTN_OUT_DROP)
+        if cross is not None:
+            x_BxLxD = x_BxLxD + branch(cross(self.cross_norm(x_BxLxD)), CROSS_OUT_DROP)
         return x_BxLxD + branch(self.mlp(self.mlp_norm(x_BxLxD)), MLP_OUT_DROP), cache
 
 
-class Transformer(nnx.Module):
+class LanguageModel(nnx.Module):
+    """What every architecture shares: the token (and position/type) embeddings before the first
+    block, and the head after the last."""
+
+    def _init_embeddings(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            embedding_metadata={"out_sharding": ("vocab", "embed")},
+            rngs=rngs,
+        )
+        learned = cfg.position_embedding == "learned"
+        self.pos_embed = _table(cfg.max_seq_len, cfg, rngs) if learned else None
+        types = cfg.type_vocab_size
+        self.type_embed = _table(types, cfg, rngs) if types else None
+        self.embed_norm = make_norm(cfg, rngs) if cfg.embed_norm else None
+
+    def _init_head(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+        self.final_norm = make_norm(cfg, rngs) if cfg.final_norm else None
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else nnx.Linear(
+                cfg.d_model,
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.param_dtype,
+                **_dense_init(0.02, ("embed", "vocab")),
+                rngs=rngs,
+            )
+        )
+
+    def _add_embeddings(
+        self, x_BxLxD: Array, positions_BxL: Array, token_types_BxL: Array | None
+    ) -> Array:
+        """Token embeddings plus learned positions and token types, then the embedding norm
+        (each where the model has one)."""
+        if self.pos_embed is not None:
+            x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
+        if self.type_embed is not None:
+            if token_types_BxL is None:
+                token_types_BxL = jnp.zeros_like(positions_BxL)
+            x_BxLxD = x_BxLxD + self.type_embed(token_types_BxL)
+        return x_BxLxD if self.embed_norm is None else self.embed_norm(x_BxLxD)
+
+    def head(self, x_BxLxD: Array) -> Array:
+        """Last block's output -> fp32 logits."""
+        if self.final_norm is not None:
+            x_BxLxD = self.final_norm(x_BxLxD)
+        if self.mlm_head is not None:
+            x_BxLxD = self.mlm_head(x_BxLxD)
+        decoder_VxD = self.embed.embedding[...] if self.lm_head is None else self.lm_head.kernel[...].T
+        # bf16 inputs, fp32 accumulation and output: logits keep fp32 precision for the loss.
+        logits_BxLxV = jnp.einsum("...D,VD->...V", x_BxLxD, decoder_VxD.astype(x_BxLxD.dtype),
+                                  preferred_element_type=jnp.float32)
+        if self.mlm_head is not None:
+            logits_BxLxV = logits_BxLxV + self.mlm_head.bias[...]
+        return logits_BxLxV
+
+
+class Transformer(LanguageModel):
     """Token ids -> fp32 logits; `causal` picks decoder (CLM) or bidirectional encoder attention;
     `remat` (train.remat) what each layer recomputes in the backward pass instead of storing."""
 
@@ -258,35 +348,9 @@ class Transformer(nnx.Module):
         self.dropout = cfg.dropout
         self.scan_layers = scans_layers(cfg)
         with nnx.use_eager_sharding(False):
-            self.embed = nnx.Embed(
-                cfg.vocab_size,
-                cfg.d_model,
-                dtype=cfg.compute_dtype,
-                param_dtype=cfg.param_dtype,
-                embedding_init=nnx.initializers.normal(0.02),
-                embedding_metadata={"out_sharding": ("vocab", "embed")},
-                rngs=rngs,
-            )
-            learned = cfg.position_embedding == "learned"
-            self.pos_embed = _table(cfg.max_seq_len, cfg, rngs) if learned else None
-            types = cfg.type_vocab_size
-            self.type_embed = _table(types, cfg, rngs) if types else None
-            self.embed_norm = _norm(cfg, rngs) if cfg.embed_norm else None
-            self.blocks = _stacked_blocks(cfg, rngs)
-            self.final_norm = _norm(cfg, rngs) if cfg.final_norm else None
-            self.lm_head = (
-                None
-                if cfg.tie_embeddings
-                else nnx.Linear(
-                    cfg.d_model,
-                    cfg.vocab_size,
-                    use_bias=False,
-                    dtype=cfg.compute_dtype,
-                    param_dtype=cfg.param_dtype,
-                    **_dense_init(0.02, ("embed", "vocab")),
-                    rngs=rngs,
-                )
-            )
+            self._init_embeddings(cfg, rngs)
+            self.blocks = stacked_blocks(cfg, rngs, cfg.n_layers, Block)
+            self._init_head(cfg, rngs)
             self.mlm_head = None if causal else MlmHead(cfg, rngs=rngs)
 
     def __call__(
@@ -326,30 +390,15 @@ class Transformer(nnx.Module):
 
     def _layers(self, x_BxLxD: Array, segment_ids_BxL: Array, positions_BxL: Array,
                 token_types_BxL: Array | None, dropout_key: Array | None) -> Array:
-        """The blocks over the embeddings, in one `lax.scan` over the stacked layers (unrolled
-        when model.scan_layers is off); with dropout in training each layer gets its own key."""
+        """The blocks over the embeddings (see `scan_blocks`)."""
         x_BxLxD = self._add_embeddings(x_BxLxD, positions_BxL, token_types_BxL)
-        dropping = dropout_key is not None and self.dropout > 0
-        if dropping:
-            x_BxLxD = Dropout(dropout_key, self.dropout)(x_BxLxD, EMBED_DROP)
-        x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
-        block_def, block_state = nnx.split(self.blocks)
-        n_layers = self.blocks.attn.k.kernel.shape[0]
-        keys = (jax.random.split(jax.random.fold_in(dropout_key, LAYER_KEYS), n_layers)
-                if dropping else None)
+        x_BxLxD, keys = embedding_dropout(x_BxLxD, dropout_key, self.dropout, self.blocks)
 
-        def layer(x_BxLxD: Array, xs: tuple) -> tuple[Array, None]:
-            layer_state, layer_key = xs
-            block = nnx.merge(block_def, layer_state)
-            drop = None if layer_key is None else Dropout(layer_key, self.dropout)
-            x_BxLxD = block(x_BxLxD, positions_BxL, segment_ids_BxL, self.causal, drop)
-            return constrain(x_BxLxD, ACTIVATION_AXES), None
+        def layer(block: Block, x_BxLxD: Array, drop: Dropout | None) -> Array:
+            return block(x_BxLxD, positions_BxL, segment_ids_BxL, self.causal, drop)
 
-        if self.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (block_state, keys),
-                                  unroll=1 if self.scan_layers else n_layers)
-        return x_BxLxD
+        return scan_blocks(self.blocks, x_BxLxD, layer, keys, self.dropout, self.scan_layers,
+                           self.remat)
 
     def cached(
         self, tokens_BxT: Array, positions_BxT: Array, cache: KVCache
@@ -357,56 +406,73 @@ class Transformer(nnx.Module):
         """Causal forward for generation, up to `head` (apply it to the rows that need logits):
         the same blocks as `__call__`, but each layer writes the keys/values of `tokens` at cache
         slot `positions` (per row) and attends over its cache slots <= position."""
-        block_def, block_state = nnx.split(self.blocks)
 
-        # The whole cache rides in the carry, so XLA updates it in place (as scanned-over
-        # inputs and stacked outputs, every layer's slice would be copied each step).
-        def layer(carry: tuple[Array, KVCache], xs: tuple) -> tuple[tuple[Array, KVCache], None]:
+        def layer(block: Block, carry: tuple[Array, KVCache], index: Array, _: Any) -> tuple:
             x_BxTxD, cache = carry
-            layer_state, index = xs
-            block = nnx.merge(block_def, layer_state)
-            return block.cached(x_BxTxD, positions_BxT, cache, index), None
+            return block.cached(x_BxTxD, positions_BxT, cache, index)
 
-        n_layers = cache.k_NxBxSxHxK.shape[0]
         x_BxTxD = self._add_embeddings(self.embed(tokens_BxT), positions_BxT, None)
-        xs = (block_state, jnp.arange(n_layers))
-        (x_BxTxD, cache), _ = jax.lax.scan(layer, (x_BxTxD, cache), xs,
-                                           unroll=1 if self.scan_layers else n_layers)
-        return x_BxTxD, cache
-
-    def _add_embeddings(
-        self, x_BxLxD: Array, positions_BxL: Array, token_types_BxL: Array | None
-    ) -> Array:
-        """Token embeddings plus learned positions and token types, then the embedding norm
-        (each where the model has one)."""
-        if self.pos_embed is not None:
-            x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
-        if self.type_embed is not None:
-            if token_types_BxL is None:
-                token_types_BxL = jnp.zeros_like(positions_BxL)
-            x_BxLxD = x_BxLxD + self.type_embed(token_types_BxL)
-        return x_BxLxD if self.embed_norm is None else self.embed_norm(x_BxLxD)
+        return scan_cached(self.blocks, (x_BxTxD, cache), layer, None, self.scan_layers)
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty cache of `length` slots per row, in the compute dtype."""
-        n_layers, _, heads, head_dim = self.blocks.attn.k.kernel.shape
-        zeros = jnp.zeros((n_layers, batch, length, heads, head_dim), self.blocks.attn.k.dtype)
-        zeros = constrain(zeros, CACHE_AXES)
-        return KVCache(zeros, zeros)
+        return empty_cache(self.blocks, batch, length)
 
-    def head(self, x_BxLxD: Array) -> Array:
-        """Last block's output -> fp32 logits."""
-        if self.final_norm is not None:
-            x_BxLxD = self.final_norm(x_BxLxD)
-        if self.mlm_head is not None:
-            x_BxLxD = self.mlm_head(x_BxLxD)
-        decoder_VxD = self.embed.embedding[...] if self.lm_head is None else self.lm_head.kernel[...].T
-        # bf16 inputs, fp32 accumulation and output: logits keep fp32 precision for the loss.
-        logits_BxLxV = jnp.einsum("...D,VD->...V", x_BxLxD, decoder_VxD.astype(x_BxLxD.dtype),
-                                  preferred_element_type=jnp.float32)
-        if self.mlm_head is not None:
-            logits_BxLxV = logits_BxLxV + self.mlm_head.bias[...]
-        return logits_BxLxV
+
+def empty_cache(blocks: Block, batch: int, length: int) -> KVCache:
+    """An empty self-attention cache of `length` slots per row for the stacked `blocks`."""
+    n_layers, _, heads, head_dim = blocks.attn.k.kernel.shape
+    zeros = jnp.zeros((n_layers, batch, length, heads, head_dim), blocks.attn.k.dtype)
+    zeros = constrain(zeros, CACHE_AXES)
+    return KVCache(zeros, zeros)
+
+
+def embedding_dropout(x_BxLxD: Array, dropout_key: Array | None, rate: float,
+                      blocks: nnx.Module) -> tuple[Array, Array | None]:
+    """Dropout on the embeddings (training with dropout only) and the per-layer keys of `blocks`."""
+    if dropout_key is None or rate <= 0:
+        return constrain(x_BxLxD, ACTIVATION_AXES), None
+    x_BxLxD = Dropout(dropout_key, rate)(x_BxLxD, EMBED_DROP)
+    n_layers = jax.tree.leaves(nnx.state(blocks))[0].shape[0]
+    keys = jax.random.split(jax.random.fold_in(dropout_key, LAYER_KEYS), n_layers)
+    return constrain(x_BxLxD, ACTIVATION_AXES), keys
+
+
+def scan_blocks(blocks: nnx.Module, x_BxLxD: Array, apply: Callable[..., Array],
+                keys: Array | None, rate: float, scan: bool, remat: str) -> Array:
+    """`x` through the stacked `blocks` in one `lax.scan` (unrolled when not `scan`):
+    apply(block, x, dropout or None) per layer, with layer i's dropout keyed by keys[i]; `remat`
+    what each layer recomputes in the backward pass."""
+    block_def, block_state = nnx.split(blocks)
+    n_layers = jax.tree.leaves(block_state)[0].shape[0]
+
+    def layer(x_BxLxD: Array, xs: tuple) -> tuple[Array, None]:
+        layer_state, layer_key = xs
+        drop = None if layer_key is None else Dropout(layer_key, rate)
+        x_BxLxD = apply(nnx.merge(block_def, layer_state), x_BxLxD, drop)
+        return constrain(x_BxLxD, ACTIVATION_AXES), None
+
+    if remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (block_state, keys), unroll=1 if scan else n_layers)
+    return x_BxLxD
+
+
+def scan_cached(blocks: nnx.Module, carry: Any, apply: Callable[..., Any], extra: Any,
+                scan: bool) -> Any:
+    """The stacked `blocks` for generation: carry = apply(block, carry, layer index, extra[i]).
+    The whole cache rides in the carry, so XLA updates it in place (as scanned-over inputs and
+    stacked outputs, every layer's slice would be copied each step)."""
+    block_def, block_state = nnx.split(blocks)
+    n_layers = jax.tree.leaves(block_state)[0].shape[0]
+
+    def layer(carry: Any, xs: tuple) -> tuple[Any, None]:
+        layer_state, index, layer_extra = xs
+        return apply(nnx.merge(block_def, layer_state), carry, index, layer_extra), None
+
+    xs = (block_state, jnp.arange(n_layers), extra)
+    carry, _ = jax.lax.scan(layer, carry, xs, unroll=1 if scan else n_layers)
+    return carry
 
 
 class MlmHead(nnx.Module):
@@ -423,7 +489,7 @@ class MlmHead(nnx.Module):
             bias_metadata={"out_sharding": (None,)},
             rngs=rngs,
         )
-        self.norm = _norm(cfg, rngs)
+        self.norm = make_norm(cfg, rngs)
         self.bias = nnx.Param(
             jnp.zeros((cfg.vocab_size,), cfg.param_dtype), out_sharding=("vocab",)
         )
@@ -440,13 +506,13 @@ def _table(rows: int, cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Embed:
                      embedding_metadata={"out_sharding": (None, "embed")}, rngs=rngs)
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    """N blocks whose params are stacked on a leading 'layers' axis, for lax.scan."""
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, n_layers: int, block: type) -> nnx.Module:
+    """`n_layers` blocks of type `block` whose params are stacked on a leading 'layers' axis."""
 
-    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.split_rngs(splits=n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(rngs: nnx.Rngs) -> Block:
-        return Block(cfg, rngs=rngs)
+    def make(rngs: nnx.Rngs) -> nnx.Module:
+        return block(cfg, rngs=rngs)
 
     return make(rngs)
 

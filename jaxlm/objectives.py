@@ -17,15 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.config import Config
+from jaxlm.config import Config, architecture
 from jaxlm.errors import UserError
-from jaxlm.tasks import Encoder, task_encoder, task_example
-from jaxlm.tokenizer import Tokenizer
+from jaxlm.span_corruption import row_lengths, span_corruption_fn
+from jaxlm.tasks import Encoder, pair_example, task_encoder, task_example
+from jaxlm.tokenizer import Tokenizer, padding_id
 
 Example = dict[str, np.ndarray]
 # (packed row, (stream id, example index in that stream)) -> model example
 ExampleFn = Callable[[Example, tuple[int, int]], Example]
-OBJECTIVES = ("clm", "mlm", "seq2seq_lm", "classify")
+OBJECTIVES = ("clm", "mlm", "seq2seq_lm", "classify", "span_corruption", "seq2seq")
 # Of the selected MLM positions: this share becomes MASK, this share a random token, the rest stay.
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1
 
@@ -144,12 +145,39 @@ def example_fn(cfg: Config, tokenizer: Tokenizer, source: Any = None) -> Example
                               mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids)
     if cfg.objective in ("seq2seq_lm", "classify"):
         return task_example
+    if cfg.objective == "seq2seq":
+        return pair_example
+    if cfg.objective == "span_corruption":
+        return span_corruption_fn(cfg.seed, cfg.data, cfg.model.vocab_size, target_length(cfg),
+                                  bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                                  pad_id=padding_id(tokenizer))
     raise UserError(f"unknown objective '{cfg.objective}' (supported: {', '.join(OBJECTIVES)})")
 
 
-def is_causal(objective: str, causal: bool | None = None) -> bool:
-    """Decoder attention? `causal` is model.causal (None: clm and seq2seq_lm are decoders)."""
-    return objective in ("clm", "seq2seq_lm") if causal is None else causal
+def is_causal(cfg: Config) -> bool:
+    """Is the model a decoder-only stack? (see config.architecture)"""
+    return architecture(cfg) == "decoder"
+
+
+def row_length(cfg: Config) -> int:
+    """Tokens of text per row the data pipeline cuts (span corruption drops some of them)."""
+    if cfg.objective == "span_corruption":
+        return row_lengths(cfg.data)[0]
+    return cfg.data.seq_len
+
+
+def target_length(cfg: Config) -> int:
+    """Decoder tokens per row of an encoder-decoder (0 for the single stacks)."""
+    if architecture(cfg) != "encoder_decoder":
+        return 0
+    if cfg.objective != "span_corruption":
+        return cfg.data.target_len or cfg.data.seq_len
+    needed = row_lengths(cfg.data)[1]
+    if cfg.data.target_len and cfg.data.target_len < needed:
+        raise UserError(f"data.target_len ({cfg.data.target_len}) is shorter than span corruption's "
+                        f"targets at data.seq_len {cfg.data.seq_len} ({needed} tokens); raise it "
+                        "or leave it null")
+    return cfg.data.target_len or needed
 
 
 def require_specials(tokenizer: Tokenizer, cfg: Config, what: str, names: tuple[str, ...]) -> None:
@@ -162,12 +190,13 @@ def require_specials(tokenizer: Tokenizer, cfg: Config, what: str, names: tuple[
 
 def record_encoder(cfg: Config, tokenizer: Tokenizer) -> Encoder | None:
     """The record -> example encoder of a task objective (None: the objective reads text)."""
-    causal = is_causal(cfg.objective, cfg.model.causal)
+    causal = is_causal(cfg)
     if cfg.objective == "seq2seq_lm":
         require_specials(tokenizer, cfg, "objective seq2seq_lm", ("sep_id",))
     if cfg.objective == "classify":
         require_specials(tokenizer, cfg, "objective classify", ("sep_id",) if causal else ("cls_id", "sep_id"))
-    return task_encoder(cfg.objective, tokenizer, cfg.data.seq_len, cfg.data.template, causal)
+    return task_encoder(cfg.objective, tokenizer, cfg.data.seq_len, cfg.data.template, causal,
+                        target_length(cfg))
 
 
 def weighted_sums(logits_BxLxV: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -66,9 +66,14 @@ CONFIG_RANGES: dict[str, Range] = {
     "model.n_kv_heads": AT_LEAST_1,  # null: n_heads
     "model.head_dim": AT_LEAST_1,  # null: d_model / n_heads
     "model.type_vocab_size": AT_LEAST_0,  # 0: no token types
+    "model.n_encoder_layers": AT_LEAST_1,  # null: n_layers
+    "model.n_decoder_layers": AT_LEAST_1,  # null: n_layers
     "data.validation_percent": Range(0, 100, open_high=True),  # 100 would leave no training data
     "data.seq_len": AT_LEAST_1,
     "data.mask_rate": Range(0, 1, open_low=True, open_high=True),
+    "data.target_len": Range(2),  # a start token and at least one target
+    "data.noise_density": Range(0, 1, open_low=True, open_high=True),
+    "data.mean_span_length": Range(1),
     "data.worker_count": AT_LEAST_0,
     "data.prefetch_batches": AT_LEAST_0,
     "optimizer.learning_rate": POSITIVE,

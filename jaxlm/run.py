@@ -47,6 +47,7 @@ from jaxlm.config import CheckpointConfig, Config
 from jaxlm.data import label_names
 from jaxlm.errors import UserError
 from jaxlm.sharding import fit_axes
+from jaxlm.span_corruption import sentinel_count
 from jaxlm.state import Setup, make_setup
 from jaxlm.storage import Path
 from jaxlm.tokenizer import (CONFIG_FILES as TOKENIZER_CONFIGS, HF_PREFIX, Tokenizer, load_tokenizer, spec_for_copy, tokenizer_file,
@@ -321,14 +322,17 @@ def _holder(text: str) -> str:
 def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
     """Fills what the config leaves to the run and checks it.
 
-    An unset vocab size is the tokenizer's rounded up to a multiple of 128, so the vocab axis splits
-    over any tensor-parallel size and matmuls stay aligned (the extra ids are never produced).
+    An unset vocab size is the tokenizer's (plus span corruption's sentinel ids) rounded up to a
+    multiple of 128, so the vocab axis splits over any tensor-parallel size and matmuls stay
+    aligned (the extra ids are never produced as text).
     """
-    vocab = cfg.model.vocab_size or -(-tokenizer.vocab_size // 128) * 128
-    if vocab < tokenizer.vocab_size:
-        raise UserError(
-            f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({tokenizer.vocab_size})"
-        )
+    sentinels = sentinel_count(cfg.data) if cfg.objective == "span_corruption" else 0
+    needed = tokenizer.vocab_size + sentinels
+    vocab = cfg.model.vocab_size or -(-needed // 128) * 128
+    if vocab < needed:
+        also = f" plus {sentinels} sentinel ids for span_corruption" if sentinels else ""
+        raise UserError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's "
+                        f"({tokenizer.vocab_size}){also}; raise it or leave it null")
     labels = cfg.model.num_labels
     if cfg.objective == "classify":
         names = label_names(cfg.data)

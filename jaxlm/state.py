@@ -27,7 +27,7 @@ Batch = dict[str, jax.Array]
 
 
 def _build(cfg: Config) -> tuple[Transformer, nnx.Optimizer]:
-    model = build_model(cfg, is_causal(cfg.objective, cfg.model.causal), nnx.Rngs(cfg.seed))
+    model = build_model(cfg, is_causal(cfg), nnx.Rngs(cfg.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
     return model, optimizer
 

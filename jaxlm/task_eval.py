@@ -1,5 +1,5 @@
-"""Task models put to use: seq2seq completions and their exact match, class predictions and the
-classification metrics (accuracy, macro-F1, per-class counts) from a confusion matrix.
+"""Task models put to use: seq2seq completions and their exact match and corpus BLEU (sacrebleu,
+its default 13a tokenization), class predictions and the classification metrics (accuracy, macro-F1, per-class counts) from a confusion matrix.
 
 Shape legend: B batch, L sequence, C classes.
 """
@@ -11,24 +11,29 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sacrebleu
 from flax import nnx
 
 from jaxlm.data import pad_batch, stack_rows
 from jaxlm.generate import banned_tokens, make_sampler, sample_ids
 from jaxlm.heads import forward
+from jaxlm.objectives import target_length
 from jaxlm.sharding import activation_sharding
 from jaxlm.state import Setup
-from jaxlm.tasks import Encoder, formatted, prompt_ids
+from jaxlm.tasks import Encoder, encoder_input_ids, formatted, prompt_ids
 from jaxlm.tokenizer import Tokenizer, padding_id
 
 
 def complete(setup: Setup, params: Any, tokenizer: Tokenizer, inputs: list[str], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0) -> list[str]:
-    """The target a seq2seq model writes after `[bos] input [sep]`, for each input (one batch)."""
+    """The target a seq2seq model writes for each input (one batch): a decoder after
+    `[bos] input [sep]`, an encoder-decoder for `input [eos]`."""
     sampler = make_sampler(setup, banned_tokens(setup.cfg.model.vocab_size, tokenizer),
-                           temperature=temperature, top_k=top_k, top_p=top_p)
-    contexts = [prompt_ids(tokenizer, text, setup.cfg.data.seq_len) for text in inputs]
+                           temperature=temperature, top_k=top_k, top_p=top_p,
+                           start_id=tokenizer.bos_id)
+    context = prompt_ids if sampler.first_slot is None else encoder_input_ids
+    contexts = [context(tokenizer, text, setup.cfg.data.seq_len) for text in inputs]
     new = sample_ids(sampler, params, contexts, max_new_tokens=max_new_tokens, seed=seed,
                      eos_id=tokenizer.eos_id)
     return [tokenizer.decode(ids) for ids in new]
@@ -36,15 +41,19 @@ def complete(setup: Setup, params: Any, tokenizer: Tokenizer, inputs: list[str],
 
 def exact_match(setup: Setup, params: Any, tokenizer: Tokenizer, source: Any, count: int,
                 batch: int = 64) -> dict[str, float]:
-    """Share of the first `count` records of `source` whose greedy completion is the target."""
+    """Of the greedy completions of the first `count` records of `source`: the share that equal
+    their target, and the corpus BLEU against the targets."""
     records = [source[i] for i in range(min(count, len(source)))]
-    hits = 0
+    max_new_tokens = target_length(setup.cfg) or setup.cfg.data.seq_len
+    outputs: list[str] = []
     for start in range(0, len(records), batch):
         chunk = records[start : start + batch]
         inputs = [formatted(r, "input", setup.cfg.data.template) for r in chunk]
-        outputs = complete(setup, params, tokenizer, inputs, max_new_tokens=setup.cfg.data.seq_len)
-        hits += sum(out == formatted(r, "target", "") for out, r in zip(outputs, chunk))
-    return {"exact_match": hits / max(len(records), 1), "exact_match_examples": len(records)}
+        outputs += complete(setup, params, tokenizer, inputs, max_new_tokens=max_new_tokens)
+    targets = [formatted(r, "target", "") for r in records]
+    hits = sum(out == target for out, target in zip(outputs, targets))
+    return {"exact_match": hits / max(len(records), 1), "exact_match_examples": len(records),
+            "bleu": sacrebleu.corpus_bleu(outputs, [targets]).score if records else 0.0}
 
 
 def classify_probs(setup: Setup, params: Any, tokenizer: Tokenizer, encoder: Encoder,

@@ -8,11 +8,14 @@ predicted (weight 1), the input is context. classify: an encoder reads `[cls] te
 (text_pair) [eos]` and predicts it at the last token. Token types mark the pair's second text
 (1) as BERT's do; a model without token types ignores them. The label sits in `targets` at that one
 position, so the loss is the same weighted cross-entropy as every other objective's.
+seq2seq (encoder-decoder): the encoder reads `input [eos]`, the decoder reads `[bos] target` and
+predicts `target [eos]`; pairs are packed on both sides at once, so their segment ids agree.
 Shape legend: L sequence.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -20,9 +23,21 @@ import numpy as np
 from jaxlm.tokenizer import Tokenizer
 
 Example = dict[str, np.ndarray]
-Encoder = Callable[[dict[str, Any]], Example]
-TASK_OBJECTIVES = ("seq2seq_lm", "classify")
+TASK_OBJECTIVES = ("seq2seq_lm", "classify", "seq2seq")
 PACKED_KEYS = ("tokens", "targets", "weights", "token_types")
+PAIR_KEYS = {"inputs": "encoder", "decoder_inputs": "decoder", "targets": "decoder",
+             "weights": "decoder"}
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """A record -> example function, and the row length each feature is packed into."""
+
+    encode: Callable[[dict[str, Any]], Example]
+    lengths: dict[str, int]
+
+    def __call__(self, record: dict[str, Any]) -> Example:
+        return self.encode(record)
 
 
 def _text(value: Any) -> str:
@@ -58,7 +73,39 @@ def seq2seq_encoder(tokenizer: Tokenizer, seq_len: int, template: str) -> Encode
         return {"tokens": tokens_L, "targets": targets_L, "weights": weights_L,
                 "token_types": np.zeros_like(tokens_L)}
 
-    return encode
+    return Encoder(encode, {k: seq_len for k in PACKED_KEYS})
+
+
+def encoder_input_ids(tokenizer: Tokenizer, text: str, seq_len: int) -> list[int]:
+    """`input [eos]`: what an encoder-decoder reads (the input keeps its start)."""
+    return [*tokenizer.encode(text).tolist()[: seq_len - 1], tokenizer.eos_id]
+
+
+def pair_encoder(tokenizer: Tokenizer, seq_len: int, target_len: int, template: str) -> Encoder:
+    def encode(record: dict[str, Any]) -> Example:
+        input_ids = encoder_input_ids(tokenizer, formatted(record, "input", template), seq_len)
+        target_ids = tokenizer.encode(_text(record["target"]))[: target_len - 1]
+        return {"inputs": np.asarray(input_ids, np.int32),
+                "decoder_inputs": np.concatenate([[tokenizer.bos_id], target_ids]).astype(np.int32),
+                "targets": np.append(target_ids, tokenizer.eos_id).astype(np.int32),
+                "weights": np.ones(len(target_ids) + 1, np.float32)}
+
+    lengths = {"encoder": seq_len, "decoder": target_len}
+    return Encoder(encode, {key: lengths[side] for key, side in PAIR_KEYS.items()})
+
+
+def pair_example(packed: Example, key: tuple[int, int] = (0, 0)) -> Example:
+    """A packed row of (input, target) pairs -> the encoder-decoder example every step reads."""
+    return {
+        "inputs": packed["inputs"],
+        "segment_ids": packed["inputs_segment_ids"],
+        "positions": packed["inputs_positions"],
+        "decoder_inputs": packed["decoder_inputs"],
+        "decoder_segment_ids": packed["decoder_inputs_segment_ids"],
+        "decoder_positions": packed["decoder_inputs_positions"],
+        "targets": packed["targets"],
+        "weights": packed["weights"],
+    }
 
 
 def classify_encoder(tokenizer: Tokenizer, seq_len: int, template: str, causal: bool) -> Encoder:
@@ -84,7 +131,7 @@ def classify_encoder(tokenizer: Tokenizer, seq_len: int, template: str, causal: 
         return {"tokens": tokens_L, "targets": targets_L, "weights": weights_L,
                 "token_types": np.where(first_L, 0, 1).astype(np.int32)}
 
-    return encode
+    return Encoder(encode, {k: seq_len for k in PACKED_KEYS})
 
 
 def task_example(packed: Example, key: tuple[int, int] = (0, 0)) -> Example:
@@ -100,8 +147,10 @@ def task_example(packed: Example, key: tuple[int, int] = (0, 0)) -> Example:
 
 
 def task_encoder(objective: str, tokenizer: Tokenizer, seq_len: int, template: str,
-                 causal: bool) -> Encoder | None:
+                 causal: bool, target_len: int = 0) -> Encoder | None:
     """The record encoder of a task objective (None for the plain-text objectives)."""
+    if objective == "seq2seq":
+        return pair_encoder(tokenizer, seq_len, target_len, template)
     if objective == "seq2seq_lm":
         return seq2seq_encoder(tokenizer, seq_len, template)
     if objective == "classify":

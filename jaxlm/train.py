@@ -20,7 +20,7 @@ from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.evaluate import Evaluator
 from jaxlm.flops import flops_per_token, mfu, peak_flops
 from jaxlm.metrics import MetricsLog
-from jaxlm.objectives import example_fn, record_encoder
+from jaxlm.objectives import example_fn, record_encoder, row_length
 from jaxlm.preemption import StopRequest
 from jaxlm.resume import initial_state
 from jaxlm.run import RunDir, RunLock, open_run, run_path, warn
@@ -97,7 +97,7 @@ def _start(cfg: Config, run: RunDir, devices: list[jax.Device] | None, force_res
             train_source,
             tokenizer,
             example_fn(cfg, tokenizer, train_source),
-            seq_len=cfg.data.seq_len,
+            seq_len=row_length(cfg),
             global_batch=cfg.train.batch_size,
             seed=cfg.seed,
             process_index=jax.process_index(),

@@ -131,7 +131,7 @@ def test_standard_configs_match_published_parameter_counts(config, published):
 
     cfg = load_config(REPO / "configs" / config)
     model = nnx.eval_shape(
-        lambda: Transformer(cfg.model, causal=is_causal(cfg.objective), rngs=nnx.Rngs(0))
+        lambda: Transformer(cfg.model, causal=is_causal(cfg), rngs=nnx.Rngs(0))
     )
     assert abs(count_params(model) - published) / published < 0.01
 
