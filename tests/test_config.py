@@ -5,7 +5,7 @@ import typing
 
 import pytest
 
-from jaxlm.config import Config, config_path, load_config, save_yaml, shipped_config_names
+from jaxlm.config import Config, architecture, config_path, load_config, save_yaml, shipped_config_names
 from jaxlm.errors import UserError
 from jaxlm.ranges import CONFIG_RANGES
 
@@ -138,3 +138,33 @@ def test_a_path_stays_a_path(spec):
 def test_unknown_config_name_lists_the_shipped_ones():
     with pytest.raises(UserError, match="no such shipped config .*shipped: base, .*tiny_clm"):
         config_path("tiny_gpt")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective=span_corruption", "model.architecture=decoder"],
+     "objective span_corruption needs model.architecture encoder_decoder"),
+    (["objective=mlm", "model.architecture=decoder"], "objective mlm needs model.architecture encoder"),
+    (["model.architecture=encoder_decoder"], "objective clm needs model.architecture decoder"),
+    (["objective=classify", "data.dataset=jsonl", "data.paths=[x]",
+      "model.architecture=encoder_decoder"],
+     "encoder_decoder trains with objective span_corruption or seq2seq, not classify"),
+    (["objective=classify", "data.dataset=jsonl", "data.paths=[x]", "model.architecture=encoder",
+      "model.causal=true"], "model.architecture encoder and model.causal True disagree"),
+    (["objective=span_corruption", "data.target_len=2048"], "data.target_len \\(2048\\) exceeds"),
+    (["objective=seq2seq"], "objective seq2seq reads labelled records"),
+])
+def test_architectures_that_do_not_fit_the_objective_are_one_line_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], "decoder"),
+    (["objective=mlm"], "encoder"),
+    (["objective=span_corruption"], "encoder_decoder"),
+    (["objective=classify", "data.dataset=jsonl", "data.paths=[x]"], "encoder"),
+    (["objective=classify", "data.dataset=jsonl", "data.paths=[x]", "model.architecture=decoder"],
+     "decoder"),
+])
+def test_the_architecture_follows_the_objective_unless_set(overrides, expected):
+    assert architecture(load_config(None, overrides)) == expected

@@ -133,3 +133,40 @@ def test_cached_greedy_equals_a_full_forward_for_other_architectures(switches):
                         eos_id=ByteTokenizer.eos_id)
     for context, ids in zip(CONTEXTS, cached):
         assert ids == _greedy_reference(setup, params, banned_V, context, 12)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encdec_logits(graphdef, params, inputs_1xL, decoder_1xT):
+    """Uncached: the input and a (right-padded, causal) decoder prefix through the model."""
+    ones_1xL, ones_1xT = jnp.ones_like(inputs_1xL), jnp.ones_like(decoder_1xT)
+    positions_1xL, positions_1xT = (jnp.arange(x.shape[1])[None] for x in (inputs_1xL, decoder_1xT))
+    return nnx.merge(graphdef, params)(inputs_1xL, ones_1xL, positions_1xL, decoder_1xT, ones_1xT,
+                                       positions_1xT)[0]
+
+
+def _encdec_greedy_reference(setup, params, banned_V, context, max_new_tokens):
+    """New ids of the encoder-decoder without a cache: the whole decoder prefix every token."""
+    decoded = [BOS_ID]
+    while len(decoded) <= max_new_tokens:
+        decoder_1xT = np.zeros((1, max_new_tokens + 1), np.int32)
+        decoder_1xT[0, : len(decoded)] = decoded
+        logits_TxV = _encdec_logits(setup.model_def, params, np.asarray([context]), decoder_1xT)
+        token = int(np.where(banned_V, -np.inf, np.asarray(logits_TxV[len(decoded) - 1])).argmax())
+        if token == EOS_ID:
+            break
+        decoded.append(token)
+    return decoded[1:]
+
+
+def test_encoder_decoder_cached_greedy_equals_a_full_forward_for_inputs_of_two_lengths():
+    model = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                        max_seq_len=WINDOW, n_kv_heads=2)
+    setup = make_setup(Config(objective="span_corruption", model=model), jax.devices()[:1])
+    params = init_state(setup)["params"]
+    banned_V = banned_tokens(model.vocab_size, ByteTokenizer())
+    greedy = make_sampler(setup, banned_V, temperature=0.0, top_k=0, top_p=1.0, start_id=BOS_ID)
+    inputs = [[50, 60, 70, EOS_ID], [*range(80, 91), EOS_ID]]
+    cached = sample_ids(greedy, params, inputs, max_new_tokens=10, seed=0, eos_id=EOS_ID)
+    for context, ids in zip(inputs, cached):
+        assert ids == _encdec_greedy_reference(setup, params, banned_V, context, 10)
+    assert max(len(ids) for ids in cached) == 10

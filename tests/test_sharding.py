@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -9,7 +10,7 @@ from jax.sharding import PartitionSpec
 from jaxlm.config import MeshConfig
 from jaxlm.data import open_split, train_pipeline
 from jaxlm.errors import UserError
-from jaxlm.objectives import clm_example
+from jaxlm.objectives import example_fn, row_length
 from jaxlm.sharding import axis_rules, batch_shards, batch_sharding, global_batch, make_mesh
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import ByteTokenizer
@@ -52,9 +53,10 @@ def test_rule_naming_an_unknown_mesh_axis():
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)]
 
 
-def _mesh_cfg(tiny_cfg, axes):
+def _mesh_cfg(tiny_cfg, axes, objective="clm"):
     return dataclasses.replace(
         tiny_cfg,
+        objective=objective,
         model=dataclasses.replace(tiny_cfg.model, d_model=64, n_heads=8, d_ff=128),
         mesh=MeshConfig(axes=dict(zip(("data", "fsdp", "tensor"), axes))),
     )
@@ -64,8 +66,9 @@ def _one_step(cfg, devices=None):
     cfg = resolve(cfg, ByteTokenizer())
     setup = make_setup(cfg, devices)
     source = open_split(cfg.data, "train")
-    local = next(iter(train_pipeline(source, ByteTokenizer(), clm_example, seq_len=cfg.data.seq_len,
-                                     global_batch=cfg.train.batch_size, seed=0)))
+    local = next(iter(train_pipeline(source, ByteTokenizer(), example_fn(cfg, ByteTokenizer()),
+                                     seq_len=row_length(cfg), global_batch=cfg.train.batch_size,
+                                     seed=0)))
     state = init_state(setup)
     state, metrics = make_train_step(setup)(state, global_batch(local, setup.batch_sharding))
     return setup, state, metrics
@@ -73,17 +76,25 @@ def _one_step(cfg, devices=None):
 
 @pytest.fixture(scope="module")
 def single_device_step(corpus, cache_dir, tmp_path_factory):
+    """objective -> (params, summed loss) after one step on one device (computed once each)."""
     from conftest import tiny_config
 
-    cfg = _mesh_cfg(tiny_config(corpus, cache_dir, tmp_path_factory.mktemp("run")), (1, 1, 1))
-    _, state, metrics = _one_step(cfg, jax.devices()[:1])
-    return jax.device_get((state["params"], metrics["loss_sum"]))
+    @functools.cache
+    def step(objective):
+        cfg = _mesh_cfg(tiny_config(corpus, cache_dir, tmp_path_factory.mktemp("run")), (1, 1, 1),
+                        objective)
+        _, state, metrics = _one_step(cfg, jax.devices()[:1])
+        return jax.device_get((state["params"], metrics["loss_sum"]))
+
+    return step
 
 
+@pytest.mark.parametrize("objective", ["clm", "span_corruption"])  # decoder, encoder-decoder
 @pytest.mark.parametrize("axes", MESHES, ids=lambda a: "x".join(map(str, a)))
-def test_one_step_matches_one_device_and_follows_the_rules(axes, tiny_cfg, single_device_step):
-    setup, state, metrics = _one_step(_mesh_cfg(tiny_cfg, axes))
-    params_1, loss_1 = single_device_step
+def test_one_step_matches_one_device_and_follows_the_rules(axes, objective, tiny_cfg,
+                                                           single_device_step):
+    setup, state, metrics = _one_step(_mesh_cfg(tiny_cfg, axes, objective))
+    params_1, loss_1 = single_device_step(objective)
     np.testing.assert_allclose(jax.device_get(metrics["loss_sum"]), loss_1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(jax.device_get(state["params"]))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -104,3 +104,37 @@ def test_bad_task_records_exit_2_with_file_and_line(tmp_path, cache_dir, capsys,
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def reverse_run(tmp_path_factory, cache_dir):
+    """An encoder-decoder trained to reverse words of 3-6 letters (CI-sized: ~20 s on 2 cores)."""
+    tmp_path = tmp_path_factory.mktemp("encdec")
+    rng = random.Random(0)
+    words = sorted({"".join(rng.choices("abcdefgh", k=rng.randint(3, 6))) for _ in range(3000)})
+    data = write_jsonl(tmp_path / "reverse.jsonl", [{"input": w, "target": w[::-1]} for w in words])
+    cfg = task_config(tmp_path, cache_dir, "seq2seq", {"paths": [str(data)], "seq_len": 16},
+                      steps=300, batch_size=16)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"] = {**MODEL, "d_model": 64, "d_ff": 256}
+    raw["optimizer"]["warmup_steps"] = 30
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    return tmp_path / "run"
+
+
+def test_an_encoder_decoder_learns_to_reverse_words(reverse_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--run", str(reverse_run)]) == 0
+    result = _json_lines(capsys)[-1]
+    assert result["exact_match"] >= 0.9 and result["exact_match_examples"] >= 100
+    assert 0 <= result["bleu"] <= 100
+
+
+def test_an_encoder_decoder_run_generates_from_prompts_and_input_files(reverse_run, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["generate", "--run", str(reverse_run), "--prompt", "abcd", "--prompt", "hgfe"]) == 0
+    assert [row["text"] for row in _json_lines(capsys)] == ["dcba", "efgh"]
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"input": "cab"}, {"input": "bbad"}])
+    assert main(["generate", "--run", str(reverse_run), "--input-file", str(inputs)]) == 0
+    assert [row["text"] for row in _json_lines(capsys)] == ["bac", "dabb"]

@@ -1,15 +1,16 @@
 """Task records (jsonl/csv) -> TFDS array_record -> grain: splits, labels, bad input, packing."""
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 
 from jaxlm.config import DataConfig
-from jaxlm.data import eval_pipeline, open_split, train_pipeline
+from jaxlm.data import eval_pipeline, open_split, stack_rows, train_pipeline
 from jaxlm.errors import UserError
-from jaxlm.tasks import classify_encoder, seq2seq_encoder, task_example
-from jaxlm.tokenizer import ByteTokenizer
+from jaxlm.tasks import classify_encoder, pair_encoder, pair_example, seq2seq_encoder, task_example
+from jaxlm.tokenizer import ByteTokenizer, padding_id
 
 TOK = ByteTokenizer()
 
@@ -145,3 +146,39 @@ def test_packed_pairs_keep_their_token_types(tmp_path, cache_dir):
             first_sep = np.flatnonzero((seg == s) & (tokens == TOK.sep_id))[0]
             assert types[(seg == s) & (np.arange(64) <= first_sep)].max() == 0
             assert types[(seg == s) & (np.arange(64) > first_sep)].min() == 1
+
+
+def _pair_batch(tmp_path, cache_dir):
+    rows = [{"input": "i" * (i % 7 + 1), "target": "t" * (i % 5 + 1)} for i in range(30)]
+    cfg = _cfg(tmp_path, cache_dir, [write_jsonl(tmp_path / "pairs.jsonl", rows)], fields={})
+    source = open_split(cfg, "train", "seq2seq")
+    batches = train_pipeline(source, TOK, pair_example, seq_len=24, global_batch=2, seed=0,
+                             encoder=pair_encoder(TOK, 24, 12, ""))
+    return stack_rows(list(itertools.islice(iter(batches), 4)))  # (4, 2, ...) arrays
+
+
+def test_seq2seq_pairs_are_packed_on_both_sides_with_the_same_pair_ids(tmp_path, cache_dir):
+    batch = {k: v[0] for k, v in _pair_batch(tmp_path, cache_dir).items()}
+    assert batch["inputs"].shape == (2, 24) and batch["targets"].shape == (2, 12)
+    for r in range(2):
+        enc_seg, dec_seg = batch["segment_ids"][r], batch["decoder_segment_ids"][r]
+        pairs = set(enc_seg[enc_seg > 0].tolist())
+        assert len(pairs) >= 2 and pairs == set(dec_seg[dec_seg > 0].tolist())
+        for s in pairs:
+            inputs = batch["inputs"][r][enc_seg == s]
+            decoder, targets = batch["decoder_inputs"][r][dec_seg == s], batch["targets"][r][dec_seg == s]
+            assert set(inputs[:-1].tolist()) == {ord("i") + TOK.offset} and inputs[-1] == TOK.eos_id
+            assert decoder[0] == TOK.bos_id and targets[-1] == TOK.eos_id
+            np.testing.assert_array_equal(decoder[1:], targets[:-1])  # teacher forcing
+            np.testing.assert_array_equal(batch["positions"][r][enc_seg == s], np.arange(len(inputs)))
+            np.testing.assert_array_equal(batch["decoder_positions"][r][dec_seg == s],
+                                          np.arange(len(targets)))
+
+
+def test_seq2seq_padding_weighs_nothing_and_holds_the_padding_id(tmp_path, cache_dir):
+    batch = _pair_batch(tmp_path, cache_dir)
+    padding = batch["decoder_segment_ids"] == 0
+    assert padding.any() and (batch["weights"][padding] == 0).all()
+    assert (batch["weights"][~padding] == 1).all()
+    assert (batch["decoder_inputs"][padding] == padding_id(TOK)).all()
+    assert (batch["inputs"][batch["segment_ids"] == 0] == padding_id(TOK)).all()

@@ -34,7 +34,9 @@ def test_loss_falls_and_run_dir_holds_config_metrics_checkpoints(tiny_cfg):
     assert Checkpointer(run_dir / "checkpoints", cfg.checkpoint).all_steps() == [12, 15, 18, 21, 24]  # keep=5
 
 
-def test_stop_and_resume_reproduces_the_uninterrupted_run_bitwise(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("objective", ["clm", "span_corruption"])
+def test_stop_and_resume_reproduces_the_uninterrupted_run_bitwise(tiny_cfg, tmp_path, objective):
+    tiny_cfg = dataclasses.replace(tiny_cfg, objective=objective)
     whole = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, run_dir=str(tmp_path / "a")))
     split = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, run_dir=str(tmp_path / "b")))
     train(whole, show_progress=False)
@@ -97,10 +99,12 @@ def test_nonfinite_skip_keeps_the_params_of_the_last_good_step(tiny_cfg):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_save_on_one_mesh_resume_on_another_and_evaluate_anywhere(tiny_cfg):
+@pytest.mark.parametrize("objective", ["clm", "span_corruption"])
+def test_save_on_one_mesh_resume_on_another_and_evaluate_anywhere(tiny_cfg, objective):
     def on_mesh(axes, steps):
         return dataclasses.replace(
             tiny_cfg,
+            objective=objective,
             model=dataclasses.replace(tiny_cfg.model, n_heads=2, d_ff=64),
             mesh=dataclasses.replace(tiny_cfg.mesh, axes=dict(zip(("data", "fsdp", "tensor"), axes))),
             train=dataclasses.replace(tiny_cfg.train, steps=steps),
@@ -116,7 +120,7 @@ def test_save_on_one_mesh_resume_on_another_and_evaluate_anywhere(tiny_cfg):
     results = []
     for devices in (jax.devices(), jax.devices()[:1]):
         cfg, setup, params, _ = load_run(tiny_cfg.run_dir, devices=devices)
-        evaluator = Evaluator(setup, open_split(cfg.data, "validation"), ByteTokenizer())
+        evaluator = Evaluator(setup, open_split(cfg.data, "validation", objective), ByteTokenizer())
         results.append(evaluator(params))
     assert results[0]["tokens"] == results[1]["tokens"]
     np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-5)
