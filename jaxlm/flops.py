@@ -12,6 +12,11 @@ The full L x L score matrix is counted, the causally masked half included, becau
 attention computes it (the PaLM convention; a kernel that skips masked blocks does half). Norms,
 RoPE, softmax and the loss are not counted, nor is recomputation under `train.remat` (model FLOPs,
 not hardware FLOPs).
+
+An encoder-decoder's step of L input and T target tokens per row counts the encoder's layers on
+L tokens, the decoder's (self-attention, cross-attention q/o, MLP) and the head on T, the
+cross-attention k/v on L, and attention over L (encoder, cross) and T (decoder) keys; per token
+is per input token, the tokens/s jaxlm reports.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxlm.config import ModelConfig, head_dim, kv_heads
+from jaxlm.config import ModelConfig, decoder_layers, encoder_layers, head_dim, kv_heads
 
 # Dense peak FLOP/s per device, matched by substring of `jax.devices()[0].device_kind` (first
 # match wins): (device kind, bf16/fp16, fp32 at jax's default matmul precision). On NVIDIA GPUs
@@ -43,16 +48,31 @@ PEAK_FLOPS = (
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights used in a matmul per token: block kernels and the output head."""
+    q_and_o, k_and_v, mlp = _layer_weights(cfg)
+    return cfg.n_layers * (q_and_o + k_and_v + mlp) + cfg.vocab_size * cfg.d_model
+
+
+def _layer_weights(cfg: ModelConfig) -> tuple[int, int, int]:
+    """A block's matmul weights: (q and o, k and v, MLP)."""
     d, f = cfg.d_model, cfg.d_ff
     q_and_o, k_and_v = 2 * d * cfg.n_heads * head_dim(cfg), 2 * d * kv_heads(cfg) * head_dim(cfg)
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * f
-    return cfg.n_layers * (q_and_o + k_and_v + mlp) + cfg.vocab_size * d
+    return q_and_o, k_and_v, (3 if cfg.mlp == "swiglu" else 2) * d * f
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training (forward + backward) model FLOPs per token; see the module docstring."""
+def flops_per_token(cfg: ModelConfig, seq_len: int, target_len: int = 0) -> float:
+    """Training (forward + backward) model FLOPs per token; see the module docstring.
+    `target_len` > 0: an encoder-decoder's, with decoder rows of that length."""
     attention_width = cfg.n_heads * head_dim(cfg)
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * seq_len * attention_width
+    if not target_len:
+        return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * seq_len * attention_width
+    n_enc, n_dec = encoder_layers(cfg), decoder_layers(cfg)
+    q_and_o, k_and_v, mlp = _layer_weights(cfg)
+    encoder = seq_len * (6.0 * n_enc * (q_and_o + k_and_v + mlp)
+                         + 12.0 * n_enc * seq_len * attention_width)
+    decoder = target_len * (6.0 * (n_dec * (2 * q_and_o + k_and_v + mlp) + cfg.vocab_size * cfg.d_model)
+                            + 12.0 * n_dec * (target_len + seq_len) * attention_width)
+    cross_keys = seq_len * 6.0 * n_dec * k_and_v
+    return (encoder + decoder + cross_keys) / seq_len
 
 
 def table_peak(device_kind: str, dtype: str) -> float | None:

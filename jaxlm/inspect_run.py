@@ -12,7 +12,7 @@ from typing import Any
 import jax
 
 from jaxlm.checkpoint import Checkpointer, CheckpointDamaged
-from jaxlm.config import Config, load_config
+from jaxlm.config import Config, architecture, decoder_layers, encoder_layers, load_config
 from jaxlm.data import dataset_manifest
 from jaxlm.errors import UserError
 from jaxlm.resume import resume_plan
@@ -65,7 +65,9 @@ def _newest_readable(checkpointer: Checkpointer, run: RunDir,
 
 def _architecture(cfg: Config) -> str:
     m = cfg.model
-    return (f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, d_ff {m.d_ff} ({m.mlp}), "
+    layers = (f"encoder-decoder, {encoder_layers(m)} + {decoder_layers(m)} layers"
+              if architecture(cfg) == "encoder_decoder" else f"{m.n_layers} layers")
+    return (f"{layers}, d_model {m.d_model}, {m.n_heads} heads, d_ff {m.d_ff} ({m.mlp}), "
             f"vocab {m.vocab_size}, context {m.max_seq_len}, {m.compute_dtype} compute")
 
 

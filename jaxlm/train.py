@@ -20,7 +20,7 @@ from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.evaluate import Evaluator
 from jaxlm.flops import flops_per_token, mfu, peak_flops
 from jaxlm.metrics import MetricsLog
-from jaxlm.objectives import example_fn, record_encoder, row_length
+from jaxlm.objectives import example_fn, record_encoder, row_length, target_length
 from jaxlm.preemption import StopRequest
 from jaxlm.resume import initial_state
 from jaxlm.run import RunDir, RunLock, open_run, run_path, warn
@@ -231,7 +231,7 @@ class _PendingMetrics:
         self.steps: list[tuple[int, dict[str, jax.Array]]] = []
         self.nonfinite_streak = 0
         self.tokens_per_s = self.mfu = 0.0
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, target_length(cfg))
         self.peak_flops, _ = peak_flops(cfg.model.compute_dtype, devices)
         self.restart_clock()
 

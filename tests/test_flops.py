@@ -18,6 +18,15 @@ def test_flops_per_token_of_a_tiny_model_by_hand():
     assert matmul_params(TINY) - matmul_params(gelu) == 2 * 32 * 64
 
 
+def test_encoder_decoder_flops_per_input_token_by_hand():
+    per_layer = 4 * 32 * 32 + 3 * 32 * 64
+    cross_q_o, cross_k_v = 2 * 32 * 32, 2 * 32 * 32
+    encoder = 16 * (6 * 2 * per_layer + 12 * 2 * 16 * 32)  # 16 input tokens, 2 layers
+    decoder = 8 * (6 * (2 * (per_layer + cross_q_o) + 128 * 32) + 12 * 2 * (8 + 16) * 32)
+    cross_keys = 16 * 6 * 2 * cross_k_v  # every decoder layer's k, v of the 16 encoder outputs
+    assert flops_per_token(TINY, 16, target_len=8) == (encoder + decoder + cross_keys) / 16
+
+
 @pytest.mark.parametrize("mlp, tied, heads", [
     ("swiglu", True, {}), ("gelu", False, {}), ("swiglu", True, {"n_kv_heads": 1, "head_dim": 8}),
 ])

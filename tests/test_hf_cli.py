@@ -51,6 +51,8 @@ BAD_INPUTS = {
         "model.safetensors"),
     "unsupported model_type": ("llama", lambda d: _edit_config(d, model_type="mistral"),
                                "'model_type'"),
+    "t5 (relative position bias)": ("llama", lambda d: _edit_config(d, model_type="t5"),
+                                    "'t5', an encoder-decoder with relative position bias"),
     "unsupported rope scaling": ("llama", lambda d: _edit_config(
         d, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
         "'rope_parameters'"),

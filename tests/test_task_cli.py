@@ -138,3 +138,10 @@ def test_an_encoder_decoder_run_generates_from_prompts_and_input_files(reverse_r
     inputs = write_jsonl(tmp_path / "in.jsonl", [{"input": "cab"}, {"input": "bbad"}])
     assert main(["generate", "--run", str(reverse_run), "--input-file", str(inputs)]) == 0
     assert [row["text"] for row in _json_lines(capsys)] == ["bac", "dabb"]
+
+
+def test_an_encoder_decoder_run_is_not_exported_to_hugging_face(reverse_run, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["export", "--run", str(reverse_run), "--out", str(tmp_path / "hf")]) == 2
+    assert "needs relative position bias" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ENCODER_DECODER_OBJECTIVES, ModelConfig
 from jaxlm.errors import UserError
 
 Arrays = tuple[np.ndarray, ...]
@@ -93,6 +93,11 @@ class Family:
     objectives: tuple[str, ...] = ("clm",)
 
 
+# Hugging Face encoder-decoders and what jaxlm would need to import them.
+ENCODER_DECODER_TYPES = {"t5": "relative position bias", "mt5": "relative position bias",
+                         "umt5": "relative position bias"}
+
+
 def family_for_hf(hf_config: dict[str, Any]) -> Family:
     from jaxlm.hf import FAMILIES
 
@@ -101,6 +106,10 @@ def family_for_hf(hf_config: dict[str, Any]) -> Family:
         if family.model_type == model_type:
             return family
     names = ", ".join(f.model_type for f in FAMILIES)
+    if model_type in ENCODER_DECODER_TYPES:
+        raise UserError(f"HF config key 'model_type' is {model_type!r}, an encoder-decoder with "
+                        f"{ENCODER_DECODER_TYPES[model_type]}, which jaxlm's encoder-decoder "
+                        f"(RoPE or learned positions) lacks; jaxlm imports {names}")
     raise UserError(f"HF config key 'model_type' is {model_type!r}; jaxlm imports {names}")
 
 
@@ -108,6 +117,9 @@ def family_for_run(model: ModelConfig, objective: str) -> Family:
     """The HF family that can express this jaxlm model, or a UserError naming the jaxlm key."""
     from jaxlm.hf import FAMILIES
 
+    if objective in ENCODER_DECODER_OBJECTIVES:
+        raise UserError(f"a {objective} run is an encoder-decoder; Hugging Face's (T5) needs "
+                        "relative position bias, which jaxlm's lacks: export decoder or encoder runs")
     by_type = {f.model_type: f for f in FAMILIES}
     family = by_type["bert" if objective == "mlm" else
                      "llama" if model.position_embedding == "rope" else "gpt2"]
