@@ -141,10 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser(
         "generate",
-        help="sample a continuation of a prompt from a causal LM checkpoint",
+        help="sample a continuation of a prompt from a causal LM (or an encoder-decoder's output)",
         description="Sample text from a trained causal LM, all prompts as one batch with a KV "
         "cache. The context window (model.max_seq_len) does not slide: a row stops when prompt "
-        "plus continuation fill it (a longer prompt keeps its last max_seq_len - 1 tokens).",
+        "plus continuation fill it (a longer prompt keeps its last max_seq_len - 1 tokens). An "
+        "encoder-decoder reads each prompt as its input (its first data.seq_len tokens) and "
+        "writes up to max_seq_len tokens.",
     )
     generate.add_argument("--run", required=True, help=run_help)
     generate.add_argument(
@@ -290,6 +292,9 @@ def _generate(args: argparse.Namespace) -> None:
     if architecture(cfg) == "encoder" or cfg.objective == "classify":
         raise UserError(f"generate needs a causal LM or an encoder-decoder; {args.run} was trained "
                         f"with {cfg.objective}")
+    if cfg.objective == "span_corruption":
+        raise UserError(f"{args.run} was pretrained with span_corruption, which writes sentinel "
+                        "ids, not text: fine-tune it with objective seq2seq, then generate")
     if args.input_file is not None:
         from jaxlm.cli_tasks import generate_file
 

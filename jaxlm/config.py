@@ -18,6 +18,7 @@ import yaml
 
 from jaxlm.errors import UserError
 from jaxlm.ranges import check_config
+from jaxlm.span_corruption import row_lengths
 
 
 @dataclass(frozen=True)
@@ -396,10 +397,44 @@ def _validate_architecture(cfg: Config) -> None:
             chosen == "decoder"):
         raise UserError(f"model.architecture {chosen} and model.causal {causal} disagree; "
                         "set one of them")
-    if chosen == "encoder_decoder" and cfg.data.target_len and (
-            cfg.data.target_len > cfg.model.max_seq_len):
-        raise UserError(f"data.target_len ({cfg.data.target_len}) exceeds model.max_seq_len "
-                        f"({cfg.model.max_seq_len}); lower one or raise the other")
+    if chosen != "encoder_decoder":
+        stray = [k for k in ("model.n_encoder_layers", "model.n_decoder_layers", "data.target_len")
+                 if _value(cfg, k) is not None]
+        if stray:
+            raise UserError(f"{' and '.join(stray)} apply to model.architecture encoder_decoder "
+                            f"only; this {chosen} model has one stack: remove them")
+        return
+    if causal is not None:
+        raise UserError("model.causal applies to single stacks; an encoder_decoder has a "
+                        "bidirectional encoder and a causal decoder: remove it")
+    _validate_target_len(cfg)
+
+
+def _validate_target_len(cfg: Config) -> None:
+    """The decoder length of an encoder-decoder fits the model, and span corruption's targets."""
+    minimum = 3 if cfg.objective == "span_corruption" else 2
+    if cfg.data.seq_len < minimum:
+        raise UserError(f"objective {cfg.objective} needs data.seq_len >= {minimum}, got "
+                        f"{cfg.data.seq_len}")
+    if cfg.objective == "span_corruption":
+        needed = row_lengths(cfg.data)[1]
+        target_len = cfg.data.target_len or needed
+    else:
+        needed, target_len = 2, cfg.data.target_len or cfg.data.seq_len
+    if target_len < needed:
+        raise UserError(f"data.target_len ({target_len}) is shorter than span corruption's "
+                        f"targets at data.seq_len {cfg.data.seq_len} ({needed} tokens); raise it "
+                        "or leave it null")
+    if target_len > cfg.model.max_seq_len:
+        what = "data.target_len" if cfg.data.target_len else "the decoder length span corruption needs"
+        raise UserError(f"{what} ({target_len}) exceeds model.max_seq_len "
+                        f"({cfg.model.max_seq_len}); raise model.max_seq_len or lower "
+                        "data.seq_len / data.noise_density")
+
+
+def _value(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
 
 
 def architecture(cfg: Config) -> str:

@@ -6,7 +6,8 @@ and logical axes, scanned over their own stacked layers; the decoder block adds 
 sublayer between self-attention and the MLP. One token embedding serves both sides and (with
 `tie_embeddings`) the output. Packed rows hold several (input, target) pairs: the encoder segment
 ids and the decoder segment ids number the pairs alike, so a decoder token sees only its own
-pair's encoder tokens.
+pair's encoder tokens. Self-attention runs on the `model.attention` kernel; cross-attention
+(queries and keys of different lengths) on the XLA reference.
 Shape legend: B batch, L encoder sequence, T decoder sequence, D d_model, G kv heads, K head dim,
 N decoder layers, V vocab.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.attention import cross_attention_mask
@@ -58,7 +58,7 @@ class DecoderBlock(Block):
         return self._residuals(x_BxTxD, attend, drop, cross)[0]
 
     def cached(self, x_BxTxD: Array, positions_BxT: Array, cache: KVCache, layer: Array,
-               kv: tuple[Array, Array] = None, mask_Bx1xTxL: Array = None) -> tuple[Array, KVCache]:
+               kv: tuple[Array, Array], mask_Bx1xTxL: Array) -> tuple[Array, KVCache]:
         """The block for generation: self-attention reads and updates `layer` of the cache;
         cross-attention reads the precomputed keys/values `kv` of this layer."""
         return self._residuals(

@@ -1,6 +1,7 @@
 """Validation metrics over a split: loss, perplexity, bits per byte, token accuracy (of the
-predicted tokens: next tokens for clm, masked ones for mlm), the majority-token baseline, and for
-mlm the pseudo-perplexity (every token masked in turn)."""
+predicted tokens: next tokens for clm, masked ones for mlm, targets for the task and
+encoder-decoder objectives), the majority-token baseline, and for mlm the pseudo-perplexity (every
+token masked in turn)."""
 
 from __future__ import annotations
 

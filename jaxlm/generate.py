@@ -93,10 +93,13 @@ class Sampler:
 
 def make_sampler(
     setup: Setup, banned_V: np.ndarray, *, temperature: float, top_k: int, top_p: float,
-    start_id: int = 0,
+    start_id: int | None = None,
 ) -> Sampler:
     """The jitted steps; `start_id` is the decoder's first input of an encoder-decoder ([bos])."""
     window = setup.cfg.model.max_seq_len
+    encoder_decoder = architecture(setup.cfg) == "encoder_decoder"
+    if encoder_decoder and start_id is None:
+        raise ValueError("an encoder-decoder's sampler needs the decoder's start_id")
 
     def next_token(model: Any, x_BxD: jax.Array, key: jax.Array, step: jax.Array) -> jax.Array:
         logits_BxV = jnp.where(banned_V, -jnp.inf, model.head(x_BxD))
@@ -142,7 +145,7 @@ def make_sampler(
         return next_token(model, x_Bx1xD[:, 0], key, 0), cache
 
     rows = sharding.batch_shards(setup.batch_sharding)
-    if architecture(setup.cfg) == "encoder_decoder":
+    if encoder_decoder:
         return Sampler(window, rows, jax.jit(prefill_encoded), jax.jit(decode, donate_argnums=1),
                        first_slot=1)
     return Sampler(window, rows, jax.jit(prefill), jax.jit(decode, donate_argnums=1))
@@ -160,7 +163,10 @@ def sample_ids(
     """New token ids per context (`eos_id`, which ends a row, not included); see the module
     docstring for the limits."""
     asked = len(contexts)
-    contexts = [c[-(sampler.window - 1) :] for c in contexts]
+    if sampler.first_slot is None:  # the newest tokens, and room for one new token
+        contexts = [c[-(sampler.window - 1) :] for c in contexts]
+    else:  # an encoder's input keeps its start, as in training
+        contexts = [c[: sampler.window] for c in contexts]
     contexts += [contexts[0][:1]] * (-asked % sampler.rows)  # padding rows, dropped at the end
     lengths_B = np.array([len(c) for c in contexts], np.int32)
     tokens_BxP = np.zeros((len(contexts), bucket(int(lengths_B.max()), sampler.window)), np.int32)
@@ -208,8 +214,8 @@ def generate(
                            start_id=tokenizer.bos_id)
     if sampler.first_slot is None:
         contexts = [[tokenizer.bos_id, *tokenizer.encode(p).tolist()] for p in batch]
-    else:  # an encoder-decoder's input, as in training
-        contexts = [encoder_input_ids(tokenizer, p, sampler.window - 1) for p in batch]
+    else:  # an encoder-decoder's input, cut as in training
+        contexts = [encoder_input_ids(tokenizer, p, setup.cfg.data.seq_len) for p in batch]
     new = sample_ids(sampler, params, contexts, max_new_tokens=max_new_tokens, seed=seed,
                      eos_id=tokenizer.eos_id)
     texts = [tokenizer.decode(ids) for ids in new]

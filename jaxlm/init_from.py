@@ -13,6 +13,7 @@ from typing import Any
 import jax
 
 from jaxlm.checkpoint import CheckpointDamaged, leaf_name, shapes
+from jaxlm.config import architecture
 from jaxlm.errors import UserError
 from jaxlm.heads import HEAD_NAMES
 from jaxlm.run import RunDir, read_only_checkpointer, run_path, saved_config
@@ -42,6 +43,7 @@ def params_from(spec: str, setup: Setup, fresh: Any | None = None) -> Any:
         where = f"init_from {run.root}@{step}"
         try:
             source_cfg = saved_config(checkpointer, run, step)
+            _check_architecture(where, source_cfg, setup)
             _check_tokenizer(where, source_cfg, setup)
             if setup.cfg.init_heads == "reinit":  # the source's params, on this run's devices
                 devices = list(setup.mesh.devices.flat)
@@ -92,6 +94,13 @@ def _backbone_from(source: Any, fresh: Any, setup: Setup) -> Any:
         print(f"init_heads reinit: created {', '.join(created) or 'nothing'}", flush=True)
         print(f"init_heads reinit: dropped {', '.join(dropped) or 'nothing'}", flush=True)
     return params
+
+
+def _check_architecture(where: str, source_cfg: Any, setup: Setup) -> None:
+    source, here = architecture(source_cfg), architecture(setup.cfg)
+    if source != here:
+        raise UserError(f"{where} holds a model of architecture {source}, this run's is {here}: "
+                        "their params do not correspond; start from a run of the same architecture")
 
 
 def _check_tokenizer(where: str, source_cfg: Any, setup: Setup) -> None:

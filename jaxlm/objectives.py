@@ -1,10 +1,11 @@
 """Training objectives: a per-example data transform plus one weighted cross-entropy.
 
-The transform turns a packed row into (inputs, targets, weights, segment_ids, positions); the loss
-only reads `weights`, so every objective shares the same jitted step. MLM masks are drawn here, in
-the data pipeline, from a seed derived from (run seed, stream, example index): the index counts on
-across epochs and is part of the checkpointed iterator state, so a resumed run masks exactly as the
-uninterrupted one.
+The transform turns a packed row into (inputs, targets, weights, segment_ids, positions; an
+encoder-decoder's also decoder_inputs, decoder_segment_ids, decoder_positions, with targets and
+weights on the decoder side); the loss only reads `weights`, so every objective shares the same
+jitted step. MLM masks and span-corruption noise are drawn here, in the data pipeline, from a seed
+derived from (run seed, stream, example index): the index counts on across epochs and is part of
+the checkpointed iterator state, so a resumed run masks exactly as the uninterrupted one.
 Shape legend: B batch, L sequence, V vocab, N count.
 """
 
@@ -172,12 +173,7 @@ def target_length(cfg: Config) -> int:
         return 0
     if cfg.objective != "span_corruption":
         return cfg.data.target_len or cfg.data.seq_len
-    needed = row_lengths(cfg.data)[1]
-    if cfg.data.target_len and cfg.data.target_len < needed:
-        raise UserError(f"data.target_len ({cfg.data.target_len}) is shorter than span corruption's "
-                        f"targets at data.seq_len {cfg.data.seq_len} ({needed} tokens); raise it "
-                        "or leave it null")
-    return cfg.data.target_len or needed
+    return cfg.data.target_len or row_lengths(cfg.data)[1]  # config checked it is long enough
 
 
 def require_specials(tokenizer: Tokenizer, cfg: Config, what: str, names: tuple[str, ...]) -> None:

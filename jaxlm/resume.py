@@ -65,8 +65,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
-    """Keys whose value differs: {key: (saved, now)}."""
-    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    """Keys whose value differs: {key: (saved, now)}. A key the saved config lacks (written before
+    jaxlm had it) counts as its default, which is what that run did."""
+    old, new = {**_flatten(to_dict(Config())), **_flatten(saved)}, _flatten(to_dict(cfg))
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 

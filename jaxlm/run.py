@@ -43,11 +43,11 @@ from jaxlm import config as config_lib
 from jaxlm import storage
 from jaxlm.checkpoint import Checkpointer, CheckpointDamaged
 from jaxlm.compile_cache import use_compilation_cache
-from jaxlm.config import CheckpointConfig, Config
+from jaxlm.config import CheckpointConfig, Config, architecture
 from jaxlm.data import label_names
 from jaxlm.errors import UserError
 from jaxlm.sharding import fit_axes
-from jaxlm.span_corruption import sentinel_count
+from jaxlm.span_corruption import reserved_ids, sentinel_count
 from jaxlm.state import Setup, make_setup
 from jaxlm.storage import Path
 from jaxlm.tokenizer import (CONFIG_FILES as TOKENIZER_CONFIGS, HF_PREFIX, Tokenizer, load_tokenizer, spec_for_copy, tokenizer_file,
@@ -322,13 +322,14 @@ def _holder(text: str) -> str:
 def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
     """Fills what the config leaves to the run and checks it.
 
-    An unset vocab size is the tokenizer's (plus span corruption's sentinel ids) rounded up to a
-    multiple of 128, so the vocab axis splits over any tensor-parallel size and matmuls stay
-    aligned (the extra ids are never produced as text).
+    An unset vocab size is the tokenizer's rounded up to a multiple of 128, so the vocab axis splits
+    over any tensor-parallel size and matmuls stay aligned (the extra ids are never produced as
+    text); an encoder-decoder's first reserves its sentinel ids (span_corruption.reserved_ids).
     """
     sentinels = sentinel_count(cfg.data) if cfg.objective == "span_corruption" else 0
     needed = tokenizer.vocab_size + sentinels
-    vocab = cfg.model.vocab_size or -(-needed // 128) * 128
+    unset = tokenizer.vocab_size + reserved_ids(cfg.data, cfg.objective, architecture(cfg))
+    vocab = cfg.model.vocab_size or -(-unset // 128) * 128
     if vocab < needed:
         also = f" plus {sentinels} sentinel ids for span_corruption" if sentinels else ""
         raise UserError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's "

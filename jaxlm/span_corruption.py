@@ -9,19 +9,23 @@ run corrupts exactly as the uninterrupted one. The row length is the longest who
 (rest + sentinels + EOS) fits data.seq_len, so inputs waste no padding.
 
 Sentinel i is id V - 1 - i of the model's vocabulary V (T5's extra ids): ids past the
-tokenizer's, reserved by `sentinel_count` when the vocab size is resolved, never produced as text.
+tokenizer's, reserved when the vocab size is resolved (`reserved_ids`), never produced as text.
 Shape legend: L tokens of the row, N spans.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from jaxlm.config import DataConfig
+if TYPE_CHECKING:  # config validates with row_lengths: no import back at run time
+    from jaxlm.config import DataConfig
 
 Example = dict[str, np.ndarray]
+# Ids every encoder-decoder's unset vocab size keeps past the tokenizer's (T5 keeps 100), so a
+# span-corruption run and the seq2seq run fine-tuned from it get the same vocabulary.
+EXTRA_IDS = 100
 
 
 def noise_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
@@ -49,6 +53,13 @@ def sentinel_count(cfg: DataConfig) -> int:
     """Sentinel ids a row needs at most (one per span)."""
     raw, _ = row_lengths(cfg)
     return noise_counts(raw, cfg.noise_density, cfg.mean_span_length)[1]
+
+
+def reserved_ids(cfg: DataConfig, objective: str, architecture: str) -> int:
+    """Ids past the tokenizer's an unset vocab size leaves room for."""
+    if architecture != "encoder_decoder":
+        return 0
+    return max(EXTRA_IDS, sentinel_count(cfg) if objective == "span_corruption" else 0)
 
 
 def _segments(items: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -95,13 +106,13 @@ def span_corruption_fn(seed: int, cfg: DataConfig, model_vocab: int, target_len:
             rng = np.random.default_rng([seed, *key])
             noise_L = noise_mask(len(tokens_L), cfg.noise_density, cfg.mean_span_length, rng)
             inputs, targets = corrupt(tokens_L, noise_L, sentinel_ids, eos_id)
-        return pair_example(inputs, np.concatenate([[bos_id], targets[:-1]]).astype(np.int32),
+        return padded_pair(inputs, np.concatenate([[bos_id], targets[:-1]]).astype(np.int32),
                             targets, cfg.seq_len, target_len, pad_id)
 
     return span_corruption_example
 
 
-def pair_example(inputs: np.ndarray, decoder_inputs: np.ndarray, targets: np.ndarray,
+def padded_pair(inputs: np.ndarray, decoder_inputs: np.ndarray, targets: np.ndarray,
                  seq_len: int, target_len: int, pad_id: int) -> Example:
     """One (input, target) pair in a row of its own, right-padded (segment 0, weight 0)."""
     def padded(x: np.ndarray, length: int, fill: int = 0) -> np.ndarray:

@@ -11,7 +11,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sacrebleu
 from flax import nnx
 
 from jaxlm.data import pad_batch, stack_rows
@@ -50,6 +49,8 @@ def exact_match(setup: Setup, params: Any, tokenizer: Tokenizer, source: Any, co
         chunk = records[start : start + batch]
         inputs = [formatted(r, "input", setup.cfg.data.template) for r in chunk]
         outputs += complete(setup, params, tokenizer, inputs, max_new_tokens=max_new_tokens)
+    import sacrebleu  # only here: the train and eval starts need not pay for it
+
     targets = [formatted(r, "target", "") for r in records]
     hits = sum(out == target for out, target in zip(outputs, targets))
     return {"exact_match": hits / max(len(records), 1), "exact_match_examples": len(records),

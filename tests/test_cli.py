@@ -303,3 +303,15 @@ def test_bad_hf_tokenizer_paths_name_the_path_and_fix(tmp_path, corpus, cache_di
         path.write_text("{}")
     err = _error_of(capsys, ["train", "--config", str(cfg), "--set", f"data.tokenizer=hf:{path}"])
     assert f"{path} {message}" in err and "hf:PATH" in err
+
+
+def test_generate_refuses_a_span_corruption_run_naming_the_fine_tuning(tmp_path, corpus, cache_dir,
+                                                                      capsys):
+    cfg = config_file(tmp_path, corpus, cache_dir, train={"steps": 2})
+    cfg.write_text(cfg.read_text() + "objective: span_corruption\n")
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--run", str(tmp_path / "run"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrained with span_corruption" in err and "objective seq2seq" in err
+    assert len(err.strip().splitlines()) == 1

@@ -168,3 +168,18 @@ def test_architectures_that_do_not_fit_the_objective_are_one_line_errors(overrid
 ])
 def test_the_architecture_follows_the_objective_unless_set(overrides, expected):
     assert architecture(load_config(None, overrides)) == expected
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective=span_corruption", "data.seq_len=2"], "span_corruption needs data.seq_len >= 3"),
+    (["objective=span_corruption", "data.seq_len=512", "model.max_seq_len=512",
+      "data.noise_density=0.8"], "the decoder length span corruption needs \\(\\d+\\) exceeds"),
+    (["objective=span_corruption", "data.seq_len=64", "data.target_len=10"],
+     "data.target_len \\(10\\) is shorter than span corruption's targets"),
+    (["model.n_encoder_layers=2"], "model.n_encoder_layers apply to model.architecture "
+                                   "encoder_decoder only"),
+    (["objective=span_corruption", "model.causal=true"], "model.causal applies to single stacks"),
+])
+def test_encoder_decoder_lengths_and_stray_keys_are_one_line_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)

@@ -74,6 +74,18 @@ def test_reinit_still_names_a_backbone_shape_mismatch(tmp_path, cache_dir, mlm_r
         params_from(cfg.init_from, setup, init_state(setup)["params"])
 
 
+@pytest.mark.parametrize("init_heads", ["strict", "reinit"])
+def test_an_encoder_decoder_from_an_encoder_run_names_the_architectures(
+        tmp_path, cache_dir, mlm_run, corpus, init_heads):
+    cfg = dataclasses.replace(tiny_config(corpus, cache_dir, tmp_path / "run"),
+                              objective="span_corruption", init_from=str(mlm_run),
+                              init_heads=init_heads)
+    _, _, setup = open_run(cfg)
+    with pytest.raises(UserError, match="holds a model of architecture encoder, this run's is "
+                                        "encoder_decoder"):
+        params_from(cfg.init_from, setup)
+
+
 @pytest.fixture(scope="module")
 def hf_bert_dir(tmp_path_factory):
     import hf_models

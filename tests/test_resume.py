@@ -14,7 +14,8 @@ from jaxlm.checkpoint import Checkpointer
 from jaxlm.cli import main
 from jaxlm.errors import UserError
 from jaxlm.metrics import read_metrics
-from jaxlm.resume import dataset_changes
+from jaxlm.config import to_dict
+from jaxlm.resume import config_changes, dataset_changes
 from jaxlm.train import train
 
 KILL_RUN = {"train": {"steps": 24, "log_every": 1}, "checkpoint": {"every": 4, "keep": 10}}
@@ -106,6 +107,14 @@ def test_config_edits_on_resume(tiny_cfg, capsys):
     assert "data stream restarts from its beginning (data.worker_count changed)" in capsys.readouterr().err
     assert sorted(_losses(tiny_cfg.run_dir)) == list(range(1, 9))
     assert not (tiny_cfg.run_dir / "quarantine").exists()
+
+
+def test_a_config_saved_before_a_key_existed_resumes_with_that_keys_default(tiny_cfg):
+    saved = to_dict(tiny_cfg)
+    del saved["data"]["noise_density"], saved["model"]["architecture"]  # keys added later
+    assert config_changes(saved, tiny_cfg) == {}
+    assert config_changes(saved, dataclasses.replace(tiny_cfg, data=dataclasses.replace(
+        tiny_cfg.data, noise_density=0.3))) == {"data.noise_density": (0.15, 0.3)}
 
 
 # ---------------------------------------------------------------- what a start may and may not touch

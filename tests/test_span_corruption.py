@@ -2,6 +2,7 @@
 and the sentinel ids' room in the vocabulary."""
 
 import dataclasses
+import types
 
 import numpy as np
 import pytest
@@ -80,6 +81,19 @@ def test_the_corruption_is_a_function_of_seed_stream_and_index():
         assert not np.array_equal(other["inputs"], first["inputs"])
 
 
+@pytest.mark.parametrize("real", [0, 1, 2, 5, 40])
+def test_a_row_with_padding_corrupts_only_its_real_tokens(real):
+    data = DataConfig(seq_len=64)
+    raw, _ = row_lengths(data)
+    row = _row(raw)
+    row["tokens_segment_ids"][real:] = 0
+    example = _example_fn(data)(row, (0, 0))
+    if real >= 2:
+        np.testing.assert_array_equal(_reconstruct(example), row["tokens"][:real])
+    else:  # too short to hide a span: nothing to predict
+        assert example["weights"].sum() == 0
+
+
 def test_sentinels_are_the_top_ids_of_the_model_vocabulary():
     data = DataConfig(seq_len=64)
     example = _example_fn(data)(_row(row_lengths(data)[0]), (0, 0))
@@ -97,6 +111,15 @@ def test_the_resolved_vocabulary_has_room_for_every_sentinel():
     assert cfg.model.vocab_size >= TOK.vocab_size + sentinel_count(cfg.data)
 
 
+def test_pretraining_and_fine_tuning_get_one_vocabulary_size():
+    tokenizer = types.SimpleNamespace(vocab_size=32000)  # a multiple of 128: no spare ids
+    pretrain = resolve(_span_config(seq_len=512), tokenizer)
+    fine_tune = resolve(Config(objective="seq2seq", data=DataConfig(dataset="jsonl", paths=("x",))),
+                        tokenizer)
+    assert pretrain.model.vocab_size == fine_tune.model.vocab_size > 32000 + sentinel_count(
+        pretrain.data)
+
+
 def test_a_vocab_size_without_room_for_the_sentinels_is_a_user_error():
     cfg = dataclasses.replace(_span_config(seq_len=1024), model=dataclasses.replace(
         Config().model, vocab_size=TOK.vocab_size + 1))
@@ -104,6 +127,6 @@ def test_a_vocab_size_without_room_for_the_sentinels_is_a_user_error():
         resolve(cfg, TOK)
 
 
-def test_a_target_len_shorter_than_the_targets_is_a_user_error():
-    with pytest.raises(UserError, match="data.target_len \\(10\\) is shorter than span corruption"):
-        target_length(_span_config(seq_len=64, target_len=10))
+def test_the_decoder_length_is_what_the_targets_need_unless_set():
+    assert target_length(_span_config(seq_len=64)) == row_lengths(DataConfig(seq_len=64))[1]
+    assert target_length(_span_config(seq_len=64, target_len=30)) == 30
