@@ -44,6 +44,7 @@ from jaxlm import storage
 from jaxlm.checkpoint import Checkpointer, CheckpointDamaged
 from jaxlm.compile_cache import use_compilation_cache
 from jaxlm.config import CheckpointConfig, Config, architecture
+from jaxlm.config_checks import validate
 from jaxlm.data import label_names
 from jaxlm.errors import UserError
 from jaxlm.sharding import fit_axes
@@ -376,7 +377,7 @@ def saved_config(checkpointer: Checkpointer, run: RunDir, step: int, overrides: 
     for assignment in overrides:
         config_lib.apply_override(raw, assignment)
     cfg = config_lib.from_dict(Config, raw)
-    config_lib.validate(cfg)
+    validate(cfg)
     tokenizer_vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
     if tokenizer_vocab > cfg.model.vocab_size:
         raise UserError(

@@ -29,10 +29,26 @@ def _tokens(seed, length):
     return jax.random.randint(jax.random.key(seed), (1, length), 4, CFG.vocab_size)
 
 
+@nnx.jit
+def _forward(model, *arrays):
+    return model(*arrays)
+
+
+@nnx.jit
+def _encode(model, *arrays):
+    return model.encode(*arrays)
+
+
+@nnx.jit
+def _decode_step(model, tokens_1x1, positions_1x1, cache):
+    x_1x1xD, cache = model.cached(tokens_1x1, positions_1x1, cache)
+    return model.head(x_1x1xD), cache
+
+
 def _logits(model, inputs_1xL, decoder_1xT):
     rows = lambda x: jnp.asarray(x)[None]
-    return np.asarray(model(inputs_1xL, rows(ENC_SEG_L), rows(ENC_POS_L), decoder_1xT,
-                            rows(DEC_SEG_T), rows(DEC_POS_T)))[0]
+    return np.asarray(_forward(model, inputs_1xL, rows(ENC_SEG_L), rows(ENC_POS_L), decoder_1xT,
+                               rows(DEC_SEG_T), rows(DEC_POS_T)))[0]
 
 
 def test_a_decoder_token_sees_only_its_own_pairs_encoder_tokens(model):
@@ -46,8 +62,8 @@ def test_a_decoder_token_sees_only_its_own_pairs_encoder_tokens(model):
 def test_the_encoder_is_bidirectional_within_a_pair(model):
     segs, positions = jnp.asarray(ENC_SEG_L)[None], jnp.asarray(ENC_POS_L)[None]
     inputs = _tokens(3, 8)
-    before = np.asarray(model.encode(inputs, segs, positions))[0]
-    after = np.asarray(model.encode(inputs.at[0, 2].set(5), segs, positions))[0]
+    before = np.asarray(_encode(model, inputs, segs, positions))[0]
+    after = np.asarray(_encode(model, inputs.at[0, 2].set(5), segs, positions))[0]
     assert np.abs(after[0] - before[0]).max() > 1e-4  # an earlier token sees a later one
     np.testing.assert_array_equal(after[3:7], before[3:7])  # the other pair does not
 
@@ -75,12 +91,12 @@ def test_cached_decoding_equals_the_full_forward(switches):
     inputs, decoder = _tokens(6, 8), _tokens(7, 6)
     ones_L, ones_T = jnp.ones((1, 8), jnp.int32), jnp.ones((1, 6), jnp.int32)
     positions_L, positions_T = jnp.arange(8)[None], jnp.arange(6)[None]
-    full = np.asarray(model(inputs, ones_L, positions_L, decoder, ones_T, positions_T))
-    cache = model.init_cache(model.encode(inputs, ones_L, positions_L), ones_L > 0, slots=16)
+    full = np.asarray(_forward(model, inputs, ones_L, positions_L, decoder, ones_T, positions_T))
+    cache = model.init_cache(_encode(model, inputs, ones_L, positions_L), ones_L > 0, slots=16)
     steps = []
     for t in range(6):
-        x, cache = model.cached(decoder[:, t : t + 1], positions_T[:, t : t + 1], cache)
-        steps.append(np.asarray(model.head(x)))
+        logits, cache = _decode_step(model, decoder[:, t : t + 1], positions_T[:, t : t + 1], cache)
+        steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5)
 
 

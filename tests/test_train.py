@@ -172,7 +172,7 @@ def test_profile_steps_write_a_trace_and_change_nothing_else(tiny_cfg, tmp_path)
     ([0, 2], r"'train.profile_steps\[0\]' must be an integer >= 1, got 0"),
 ])
 def test_profile_steps_outside_first_last_order_is_one_line(tiny_cfg, steps, message):
-    from jaxlm.config import validate
+    from jaxlm.config_checks import validate
 
     cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, profile_steps=tuple(steps)))
     with pytest.raises(UserError, match=message):

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 
 from jaxlm.config import (CheckpointConfig, Config, DataConfig, ModelConfig, TrainConfig,
-                          save_yaml, validate)
+                          save_yaml)
+from jaxlm.config_checks import validate
 from jaxlm.errors import UserError
 from jaxlm.hf.convert import Family, check_names, expand, family_for_hf, staged_output
 from jaxlm.hf.safetensors_io import HfTensors
