@@ -275,7 +275,7 @@ def _eval(args: argparse.Namespace) -> None:
     result = {"run": str(args.run), "step": step, "split": split, **evaluator(params, args.batches)}
     if cfg.objective == "mlm" and args.pseudo_ppl_examples:
         result.update(evaluator.pseudo_perplexity(params, args.pseudo_ppl_examples))
-    if cfg.objective in ("seq2seq_lm", "seq2seq"):  # greedy completions of as many records as batches hold
+    if cfg.objective in ("seq2seq_lm", "seq2seq"):  # greedy outputs of as many records as batches hold
         count = args.batches * cfg.train.batch_size if args.batches else len(source)
         result.update(exact_match(setup, params, tokenizer, source, count))
     if jax.process_index() == 0:
@@ -312,8 +312,8 @@ def _generate(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         seed=args.seed,
     )
-    if len(prompts) == 1:
-        print(prompts[0] + texts[0])
+    if len(prompts) == 1:  # a decoder's continuation follows its prompt; an encoder-decoder's not
+        print(texts[0] if architecture(cfg) == "encoder_decoder" else prompts[0] + texts[0])
         return
     for prompt, text in zip(prompts, texts):
         print(json.dumps({"prompt": prompt, "text": text}))

@@ -104,7 +104,8 @@ def _validate_target_len(cfg: Config) -> None:
                         f"targets at data.seq_len {cfg.data.seq_len} ({needed} tokens); raise it "
                         "or leave it null")
     if target_len > cfg.model.max_seq_len:
-        what = "data.target_len" if cfg.data.target_len else "the decoder length span corruption needs"
+        what = ("data.target_len" if cfg.data.target_len
+                else "the decoder length span corruption needs")
         raise UserError(f"{what} ({target_len}) exceeds model.max_seq_len "
                         f"({cfg.model.max_seq_len}); raise model.max_seq_len or lower "
                         "data.seq_len / data.noise_density")

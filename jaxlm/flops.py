@@ -69,7 +69,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, target_len: int = 0) -> floa
     q_and_o, k_and_v, mlp = _layer_weights(cfg)
     encoder = seq_len * (6.0 * n_enc * (q_and_o + k_and_v + mlp)
                          + 12.0 * n_enc * seq_len * attention_width)
-    decoder = target_len * (6.0 * (n_dec * (2 * q_and_o + k_and_v + mlp) + cfg.vocab_size * cfg.d_model)
+    decoder_weights = n_dec * (2 * q_and_o + k_and_v + mlp) + cfg.vocab_size * cfg.d_model
+    decoder = target_len * (6.0 * decoder_weights
                             + 12.0 * n_dec * (target_len + seq_len) * attention_width)
     cross_keys = seq_len * 6.0 * n_dec * k_and_v
     return (encoder + decoder + cross_keys) / seq_len

@@ -1,5 +1,6 @@
 """Task models put to use: seq2seq completions and their exact match and corpus BLEU (sacrebleu,
-its default 13a tokenization), class predictions and the classification metrics (accuracy, macro-F1, per-class counts) from a confusion matrix.
+its default 13a tokenization), class predictions and the classification metrics (accuracy,
+macro-F1, per-class counts) from a confusion matrix.
 
 Shape legend: B batch, L sequence, C classes.
 """

@@ -135,6 +135,8 @@ def test_an_encoder_decoder_run_generates_from_prompts_and_input_files(reverse_r
     capsys.readouterr()
     assert main(["generate", "--run", str(reverse_run), "--prompt", "abcd", "--prompt", "hgfe"]) == 0
     assert [row["text"] for row in _json_lines(capsys)] == ["dcba", "efgh"]
+    assert main(["generate", "--run", str(reverse_run), "--prompt", "abcd"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "dcba"  # the output, no prompt
     inputs = write_jsonl(tmp_path / "in.jsonl", [{"input": "cab"}, {"input": "bbad"}])
     assert main(["generate", "--run", str(reverse_run), "--input-file", str(inputs)]) == 0
     assert [row["text"] for row in _json_lines(capsys)] == ["bac", "dabb"]

@@ -39,6 +39,7 @@ import numpy as np
 from jaxlm.cli import DEFAULT_CONFIG
 from jaxlm.config import load_config
 from jaxlm.flops import flops_per_token, matmul_params, measured_matmul_flops, table_peak
+from jaxlm.objectives import target_length
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import load_tokenizer
 from jaxlm.run import resolve
@@ -54,16 +55,26 @@ REPO = Path(__file__).resolve().parent.parent
 NOTES = "\n## Notes"
 
 
-def synthetic_batch(rows: int, length: int, vocab: int) -> dict[str, np.ndarray]:
+def synthetic_batch(rows: int, length: int, vocab: int,
+                    target_len: int = 0) -> dict[str, np.ndarray]:
+    """Random full rows (`target_len` > 0: an encoder-decoder's, decoder rows that long)."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, vocab, (rows, length + 1), dtype=np.int32)
-    return {
+    positions = lambda n: np.broadcast_to(np.arange(n, dtype=np.int32), (rows, n)).copy()
+    batch = {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
         "weights": np.ones((rows, length), np.float32),
         "segment_ids": np.ones((rows, length), np.int32),
-        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+        "positions": positions(length),
     }
+    if target_len:
+        decoder = rng.integers(4, vocab, (rows, target_len + 1), dtype=np.int32)
+        batch.update(decoder_inputs=decoder[:, :-1], targets=decoder[:, 1:],
+                     weights=np.ones((rows, target_len), np.float32),
+                     decoder_segment_ids=np.ones((rows, target_len), np.int32),
+                     decoder_positions=positions(target_len))
+    return batch
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -74,7 +85,7 @@ def bench(args: argparse.Namespace) -> dict:
     # Wait for the (async) init: still running, it would slow and inflate the compile timing.
     state = jax.block_until_ready(init_state(setup))
     rows, length = cfg.train.batch_size, cfg.data.seq_len
-    host_batch = synthetic_batch(rows, length, cfg.model.vocab_size)
+    host_batch = synthetic_batch(rows, length, cfg.model.vocab_size, target_length(cfg))
     batch = jax.device_put(host_batch, setup.batch_sharding)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -136,7 +147,7 @@ def bench(args: argparse.Namespace) -> dict:
         peak = max(peaks + [measure_peak()])
         source = f"measured {cfg.model.compute_dtype} {args.matmul_size}^3 matmul"
     tokens = rows * length
-    fpt = flops_per_token(cfg.model, length)
+    fpt = flops_per_token(cfg.model, length, target_length(cfg))
     stats = jax.devices()[0].memory_stats() or {}
     result.update(
         step_time_s=round(step_s, 5),

@@ -5,8 +5,8 @@
 OUT_DIR/stdlib_functions.jsonl: {"code": the first lines of a function, "package": the standard
 library package it comes from} for functions of a few packages of this interpreter's stdlib.
 OUT_DIR/reverse.jsonl: {"input": a word of letters, "target": the word reversed}.
-OUT_DIR/reverse_words.jsonl: {"input": 3-8 Python keywords and builtin names, "target": the same
-words in reverse order} (a translation-like reordering task whose BLEU means something).
+OUT_DIR/reverse_words.jsonl: {"input": 3-6 Python keywords and builtin names, "target": each word
+spelled backwards, in the same order} (a word-by-word transduction whose BLEU means something).
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def reverse_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
 def reverse_words_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     vocabulary = sorted({w for w in keyword.kwlist + dir(builtins) if w.isalpha() and w.islower()})
-    lines = {" ".join(rng.choices(vocabulary, k=rng.randint(3, 8))) for _ in range(count)}
-    return [{"input": line, "target": " ".join(line.split()[::-1])} for line in sorted(lines)]
+    lines = {" ".join(rng.choices(vocabulary, k=rng.randint(3, 6))) for _ in range(count)}
+    return [{"input": line, "target": " ".join(w[::-1] for w in line.split())}
+            for line in sorted(lines)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -24,7 +24,8 @@ from jaxlm.datasets.common import fingerprint, split_by_hash
 from jaxlm.errors import UserError
 
 # Roles each task objective reads from a record, required and optional.
-ROLES = {"seq2seq_lm": ("input", "target"), "seq2seq": ("input", "target"), "classify": ("text", "label")}
+ROLES = {"seq2seq_lm": ("input", "target"), "seq2seq": ("input", "target"),
+         "classify": ("text", "label")}
 OPTIONAL_ROLES = {"seq2seq_lm": (), "seq2seq": (), "classify": ("text_pair",)}
 FORMATS = ("jsonl", "csv")
 

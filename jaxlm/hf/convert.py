@@ -119,7 +119,8 @@ def family_for_run(model: ModelConfig, objective: str) -> Family:
 
     if objective in ENCODER_DECODER_OBJECTIVES:
         raise UserError(f"a {objective} run is an encoder-decoder; Hugging Face's (T5) needs "
-                        "relative position bias, which jaxlm's lacks: export decoder or encoder runs")
+                        "relative position bias, which jaxlm's lacks: export decoder or encoder "
+                        "runs")
     by_type = {f.model_type: f for f in FAMILIES}
     family = by_type["bert" if objective == "mlm" else
                      "llama" if model.position_embedding == "rope" else "gpt2"]
