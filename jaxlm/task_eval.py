@@ -1,5 +1,6 @@
-"""Task models put to use: seq2seq completions and their exact match and corpus BLEU (sacrebleu,
-its default 13a tokenization), class predictions and the classification metrics (accuracy,
+"""Task models put to use: seq2seq completions and their exact match, corpus BLEU (sacrebleu,
+its default 13a tokenization; 0 where outputs are single words, which have no 4-grams) and chrF
+(character n-grams, meaningful for words too), class predictions and the classification metrics (accuracy,
 macro-F1, per-class counts) from a confusion matrix.
 
 Shape legend: B batch, L sequence, C classes.
@@ -42,7 +43,7 @@ def complete(setup: Setup, params: Any, tokenizer: Tokenizer, inputs: list[str],
 def exact_match(setup: Setup, params: Any, tokenizer: Tokenizer, source: Any, count: int,
                 batch: int = 64) -> dict[str, float]:
     """Of the greedy completions of the first `count` records of `source`: the share that equal
-    their target, and the corpus BLEU against the targets."""
+    their target, and their corpus BLEU and chrF against the targets."""
     records = [source[i] for i in range(min(count, len(source)))]
     max_new_tokens = target_length(setup.cfg) or setup.cfg.data.seq_len
     outputs: list[str] = []
@@ -54,8 +55,10 @@ def exact_match(setup: Setup, params: Any, tokenizer: Tokenizer, source: Any, co
 
     targets = [formatted(r, "target", "") for r in records]
     hits = sum(out == target for out, target in zip(outputs, targets))
+    scores = ({"bleu": sacrebleu.corpus_bleu(outputs, [targets]).score,
+               "chrf": sacrebleu.corpus_chrf(outputs, [targets]).score} if records else {})
     return {"exact_match": hits / max(len(records), 1), "exact_match_examples": len(records),
-            "bleu": sacrebleu.corpus_bleu(outputs, [targets]).score if records else 0.0}
+            **scores}
 
 
 def classify_probs(setup: Setup, params: Any, tokenizer: Tokenizer, encoder: Encoder,

@@ -5,16 +5,12 @@
 OUT_DIR/stdlib_functions.jsonl: {"code": the first lines of a function, "package": the standard
 library package it comes from} for functions of a few packages of this interpreter's stdlib.
 OUT_DIR/reverse.jsonl: {"input": a word of letters, "target": the word reversed}.
-OUT_DIR/reverse_words.jsonl: {"input": 3-6 Python keywords and builtin names, "target": each word
-spelled backwards, in the same order} (a word-by-word transduction whose BLEU means something).
 """
 
 from __future__ import annotations
 
 import ast
-import builtins
 import json
-import keyword
 import random
 import sys
 import sysconfig
@@ -48,14 +44,6 @@ def reverse_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
     return [{"input": w, "target": w[::-1]} for w in sorted(words)]
 
 
-def reverse_words_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    vocabulary = sorted({w for w in keyword.kwlist + dir(builtins) if w.isalpha() and w.islower()})
-    lines = {" ".join(rng.choices(vocabulary, k=rng.randint(3, 6))) for _ in range(count)}
-    return [{"input": line, "target": " ".join(w[::-1] for w in line.split())}
-            for line in sorted(lines)]
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -65,9 +53,7 @@ def main(out: Path) -> None:
     rows = [{"code": code, "package": name} for name in PACKAGES for code in package_functions(name)]
     write_jsonl(out / "stdlib_functions.jsonl", rows)
     write_jsonl(out / "reverse.jsonl", reverse_rows(4000))
-    write_jsonl(out / "reverse_words.jsonl", reverse_words_rows(8000))
-    print(f"wrote {len(rows)} functions of {', '.join(PACKAGES)}, reverse.jsonl and "
-          f"reverse_words.jsonl to {out}")
+    print(f"wrote {len(rows)} functions of {', '.join(PACKAGES)} and reverse.jsonl to {out}")
 
 
 if __name__ == "__main__":
