@@ -97,8 +97,10 @@ def _backbone_from(source: Any, fresh: Any, setup: Setup) -> Any:
 
 
 def _check_architecture(where: str, source_cfg: Any, setup: Setup) -> None:
+    """A decoder's and an encoder's params correspond (one stack; heads aside); an
+    encoder-decoder's correspond to neither."""
     source, here = architecture(source_cfg), architecture(setup.cfg)
-    if source != here:
+    if source != here and "encoder_decoder" in (source, here):
         raise UserError(f"{where} holds a model of architecture {source}, this run's is {here}: "
                         "their params do not correspond; start from a run of the same architecture")
 
