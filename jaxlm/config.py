@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxlm.errors import UserError
+from jaxlm.span_corruption import row_lengths
 
 
 @dataclass(frozen=True)
@@ -348,6 +349,15 @@ def architecture(cfg: Config) -> str:
     if causal is None:
         causal = cfg.objective in ("clm", "seq2seq_lm")
     return "decoder" if causal else "encoder"
+
+
+def target_length(cfg: Config) -> int:
+    """Decoder tokens per row of an encoder-decoder (0 for the single stacks)."""
+    if architecture(cfg) != "encoder_decoder":
+        return 0
+    if cfg.objective != "span_corruption":
+        return cfg.data.target_len or cfg.data.seq_len
+    return cfg.data.target_len or row_lengths(cfg.data)[1]  # config_checks: long enough
 
 
 def decoder_layers(model: ModelConfig) -> int:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from jaxlm.config import (ENCODER_DECODER_OBJECTIVES, OBJECTIVE_ARCHITECTURE, RECORD_OBJECTIVES,
-                          Config, ModelConfig, architecture, head_dim, kv_heads)
+                          Config, ModelConfig, architecture, head_dim, kv_heads,
+                          target_length)
 from jaxlm.errors import UserError
 from jaxlm.ranges import check_config
 from jaxlm.span_corruption import row_lengths
@@ -94,11 +95,8 @@ def _validate_target_len(cfg: Config) -> None:
     if cfg.data.seq_len < minimum:
         raise UserError(f"objective {cfg.objective} needs data.seq_len >= {minimum}, got "
                         f"{cfg.data.seq_len}")
-    if cfg.objective == "span_corruption":
-        needed = row_lengths(cfg.data)[1]
-        target_len = cfg.data.target_len or needed
-    else:
-        needed, target_len = 2, cfg.data.target_len or cfg.data.seq_len
+    needed = row_lengths(cfg.data)[1] if cfg.objective == "span_corruption" else 2
+    target_len = target_length(cfg)
     if target_len < needed:
         raise UserError(f"data.target_len ({target_len}) is shorter than span corruption's "
                         f"targets at data.seq_len {cfg.data.seq_len} ({needed} tokens); raise it "

@@ -20,11 +20,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 
-from jaxlm.config import Config, DataConfig
+from jaxlm.config import Config, DataConfig, target_length
 from jaxlm.datasets import tasks as task_files
 from jaxlm.datasets.corpus import CorpusConfig, PythonStdlib, TextFiles
 from jaxlm.errors import UserError
-from jaxlm.objectives import ExampleFn, target_length
+from jaxlm.objectives import ExampleFn
 from jaxlm.tasks import TASK_OBJECTIVES, Encoder
 from jaxlm.token_stream import (FORMAT as STREAM_FORMAT, StreamRows, build_once, stream_batches,
                                 token_index, worker_options)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.config import Config, architecture
+from jaxlm.config import Config, architecture, target_length
 from jaxlm.errors import UserError
 from jaxlm.span_corruption import row_lengths, span_corruption_fn
 from jaxlm.tasks import Encoder, pair_example, task_encoder, task_example
@@ -165,15 +165,6 @@ def row_length(cfg: Config) -> int:
     if cfg.objective == "span_corruption":
         return row_lengths(cfg.data)[0]
     return cfg.data.seq_len
-
-
-def target_length(cfg: Config) -> int:
-    """Decoder tokens per row of an encoder-decoder (0 for the single stacks)."""
-    if architecture(cfg) != "encoder_decoder":
-        return 0
-    if cfg.objective != "span_corruption":
-        return cfg.data.target_len or cfg.data.seq_len
-    return cfg.data.target_len or row_lengths(cfg.data)[1]  # config checked it is long enough
 
 
 def require_specials(tokenizer: Tokenizer, cfg: Config, what: str, names: tuple[str, ...]) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-if TYPE_CHECKING:  # config validates with row_lengths: no import back at run time
+if TYPE_CHECKING:  # config imports this module: no import back at run time
     from jaxlm.config import DataConfig
 
 Example = dict[str, np.ndarray]

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlm.config import target_length
 from jaxlm.data import pad_batch, stack_rows
 from jaxlm.generate import banned_tokens, make_sampler, sample_ids
 from jaxlm.heads import forward
-from jaxlm.objectives import target_length
 from jaxlm.sharding import activation_sharding
 from jaxlm.state import Setup
 from jaxlm.tasks import Encoder, encoder_input_ids, formatted, prompt_ids

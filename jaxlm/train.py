@@ -13,14 +13,14 @@ from tqdm import tqdm
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.config import Config
+from jaxlm.config import Config, target_length
 from jaxlm.data import (dataset_manifest, device_prefetch, label_names, open_split,
                         stream_cache_key, train_pipeline)
 from jaxlm.errors import TrainingStopped, UserError
 from jaxlm.evaluate import Evaluator
 from jaxlm.flops import flops_per_token, mfu, peak_flops
 from jaxlm.metrics import MetricsLog
-from jaxlm.objectives import example_fn, record_encoder, row_length, target_length
+from jaxlm.objectives import example_fn, record_encoder, row_length
 from jaxlm.preemption import StopRequest
 from jaxlm.resume import initial_state
 from jaxlm.run import RunDir, RunLock, open_run, run_path, warn

@@ -7,9 +7,8 @@ import types
 import numpy as np
 import pytest
 
-from jaxlm.config import Config, DataConfig
+from jaxlm.config import Config, DataConfig, target_length
 from jaxlm.errors import UserError
-from jaxlm.objectives import target_length
 from jaxlm.run import resolve
 from jaxlm.span_corruption import row_lengths, sentinel_count, span_corruption_fn
 from jaxlm.tokenizer import ByteTokenizer

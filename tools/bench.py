@@ -37,9 +37,8 @@ import jax
 import numpy as np
 
 from jaxlm.cli import DEFAULT_CONFIG
-from jaxlm.config import load_config
+from jaxlm.config import load_config, target_length
 from jaxlm.flops import flops_per_token, matmul_params, measured_matmul_flops, table_peak
-from jaxlm.objectives import target_length
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import load_tokenizer
 from jaxlm.run import resolve
