@@ -26,10 +26,15 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self._in_setup = True
+        self._setup_stop: str | None = None  # the signal that arrived during setup, if any
         self._previous: dict[int, object] = {}
 
     def setup_done(self) -> None:
-        """From now on a signal asks for a checkpoint at the end of the step under way."""
+        """From now on a signal asks for a checkpoint at the end of the step under way. A signal
+        that arrived during setup stops here even if library code swallowed its exception (tfds
+        logs and drops exceptions raised inside its logger calls)."""
+        if self._setup_stop is not None:
+            raise TrainingStopped(self._setup_stop)
         self._in_setup = False
 
     def __enter__(self) -> "StopRequest":
@@ -43,8 +48,9 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._in_setup:
-            raise TrainingStopped(f"{signal.Signals(signum).name} during setup: stopped before the "
-                                  "first step; nothing was lost, run the same command to start")
+            self._setup_stop = (f"{signal.Signals(signum).name} during setup: stopped before the "
+                                "first step; nothing was lost, run the same command to start")
+            raise TrainingStopped(self._setup_stop)
         if self.requested:  # second signal: die the way the signal would have killed us
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)

@@ -75,6 +75,20 @@ def test_a_signal_during_setup_stops_at_once_with_one_line():
             time.sleep(5)
 
 
+def test_a_setup_signal_whose_exception_library_code_swallowed_still_stops_before_training():
+    from jaxlm.errors import TrainingStopped
+    from jaxlm.preemption import StopRequest
+
+    with StopRequest() as stop:
+        try:  # what tfds does around its logger calls
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Exception:
+            pass
+        with pytest.raises(TrainingStopped, match="SIGTERM during setup"):
+            stop.setup_done()
+
+
 def test_sigterm_during_setup_of_a_real_run_exits_with_one_line(tmp_path, corpus):
     cfg = config_file(tmp_path, corpus, tmp_path / "fresh_cache")  # a dataset build to interrupt
     proc = start_jaxlm(tmp_path / "log", "train", "--config", cfg, "--no-progress")
