@@ -84,13 +84,14 @@ places each param on the device as soon as its table row is converted and waits 
 the host copy is freed at once (params placed: +1.04x the checkpoint); Orbax then encodes at most
 the largest param's bytes before writing (`Checkpointer(params_write_bytes=...)`, Orbax's
 `save_concurrent_gb`; by default it encodes the whole tree first, +0.5-0.9x of the model). Export
-restores straight to numpy and streams each param into the file. What was left was glibc's
-per-thread heap arenas under TensorStore's writer threads (import 1.60-1.88x over repeated runs):
+restores straight to numpy and streams each param into the file. What was left was glibc's per-
+thread heap arenas under TensorStore's writer threads (import 1.60-1.88x over repeated runs):
 `jaxlm import` and `export` now limit glibc to one arena (`mallopt(M_ARENA_MAX, 1)`, in
 jaxlm/cli_tools.py): import 1.39-1.40x over five runs (and no slower), export 1.46-1.51x (one
-bfloat16 run 1.68x). (`malloc_trim` after each param did not help: the peak is fragmentation across arenas, not freed
-heap.) The floor of this design is params + the largest param (GPT-2's 154 MB embedding: 1.33x).
-On an accelerator the device copy is not host memory (not measured: no accelerator on this host).
+bfloat16 run 1.68x). (`malloc_trim` after each param did not help: the peak is fragmentation across
+arenas, not freed heap.) The floor of this design is params + the largest param (GPT-2's 154 MB
+embedding: 1.33x). On an accelerator the device copy is not host memory (not measured: no
+accelerator on this host).
 Timings vary +-50 % with other jobs on the two cores.
 """
 
