@@ -1,15 +1,18 @@
 """Shared fixtures. 8 host CPU devices are forced before jax is imported, so every test that shards
 runs on a real multi-device mesh. XLA compiles at backend optimisation level 0: the suite's tiny
 programs spend more time compiling than running, and this halves their compile time (the default
-level is what users get; every comparison in the tests is between programs compiled alike, as
-subprocesses inherit these flags)."""
+level is what users get; every comparison in the tests is between programs compiled alike: the
+jaxlm processes tests start get the same level through `xla_flags`)."""
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-).strip()
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS of a test process or of a jaxlm process a test starts: `devices` host devices."""
+    return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses  # noqa: E402
@@ -111,7 +114,7 @@ def config_file(tmp_path, corpus, cache_dir, **sections):
 
 
 def _cli_env():
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    return dict(os.environ, XLA_FLAGS=xla_flags(2))
 
 
 def jaxlm_cli(*args, env: dict[str, str] | None = None):

@@ -7,7 +7,7 @@ import sys
 import jax
 import numpy as np
 import portpicker
-from conftest import REPO, config_file
+from conftest import REPO, config_file, xla_flags
 
 from jaxlm.run import load_run
 from jaxlm.metrics import read_metrics
@@ -17,7 +17,7 @@ RUN = {"train": {"steps": 6, "log_every": 1, "eval_every": 3}, "checkpoint": {"e
 
 def _launch(cfg, processes, devices_each):
     """Starts the job's processes and waits for all of them."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices_each))
     args = [sys.executable, "-m", "jaxlm", "train", "--config", str(cfg), "--no-progress"]
     if processes > 1:
         port = portpicker.pick_unused_port()

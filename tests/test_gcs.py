@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import REPO, config_file, jaxlm_cli, start_jaxlm
+from conftest import REPO, config_file, jaxlm_cli, start_jaxlm, xla_flags
 from etils import epath
 
 from jaxlm.storage import ObjectLock
@@ -108,7 +108,7 @@ def test_killed_and_resumed_on_gcs_matches_the_local_run_bitwise(killed_and_resu
 
 def test_eval_inspect_and_plot_from_another_working_directory(killed_and_resumed, tmp_path):
     _, run, _ = killed_and_resumed
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags(2))
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "jaxlm", *map(str, args)], cwd=tmp_path, env=env,

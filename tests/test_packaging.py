@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 BUILD_INPUTS = ("pyproject.toml", "README.md", "jaxlm", "configs")
 
@@ -41,7 +41,7 @@ def installed(request, tmp_path_factory) -> tuple[Path, Path]:
 
 def _run(*args, cwd=None):
     proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd,
-                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                          env=dict(os.environ, XLA_FLAGS=xla_flags(2)),
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
