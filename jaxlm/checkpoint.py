@@ -21,6 +21,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store  # no public alias in 0.12
 
 from jaxlm import storage
 from jaxlm.config import CheckpointConfig, Config, to_dict
@@ -138,11 +139,12 @@ MIN_REPLICA_PARALLEL_SLICE_BYTES = 2**20
 
 
 def _use_single_replica_for_small_arrays() -> None:
-    ocp.type_handlers.register_type_handler(
-        jax.Array,
-        ocp.type_handlers.ArrayHandler(
-            min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES),
-        override=True)
+    """Orbax's default jax.Array handler (with the array metadata store of its own registry),
+    the slice threshold aside."""
+    handler = ocp.type_handlers.ArrayHandler(
+        array_metadata_store=array_metadata_store.Store(),
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 def _handlers(params_write_bytes: int | None) -> dict[str, Any] | None:

@@ -74,7 +74,6 @@ def _add_plot(commands: argparse._SubParsersAction) -> None:
 
 
 
-
 def _one_malloc_arena() -> None:
     """Conversions hold a model's worth of host buffers that Orbax's and TensorStore's threads
     allocate and free; glibc gives each thread its own heap arena and returns little of them, so
