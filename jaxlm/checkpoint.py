@@ -17,7 +17,6 @@ import re
 import sys
 from typing import Any, Callable
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -152,6 +151,8 @@ def _handlers(params_write_bytes: int | None) -> dict[str, Any] | None:
     encoded bytes in flight capped at `params_write_bytes`."""
     if params_write_bytes is None:
         return None
+    import grain  # here, not at the top: commands that never save the data position skip its import
+
     # In GB as a float (Orbax multiplies by 1e9), with 1 MiB to spare for the rounding.
     arrays = lambda: ocp.StandardCheckpointHandler(
         save_concurrent_gb=(params_write_bytes + 2**20) / 1e9)
@@ -197,6 +198,8 @@ class Checkpointer:
         if "opt" in state:  # else params alone: an imported model
             items["opt"] = ocp.args.StandardSave(state["opt"])
         if data_iter is not None:
+            import grain
+
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if dataset is not None:
             items["dataset"] = ocp.args.JsonSave(dataset)
@@ -253,6 +256,8 @@ class Checkpointer:
             return {"params": self.restore_params(step, setup), "opt": init_state(setup)["opt"]}
         items = {part: self._state_item(step, setup, part) for part in _STATE_ITEMS}
         if data_iter is not None:
+            import grain
+
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._read(step, items)
         return {"params": restored.params, "opt": restored.opt}

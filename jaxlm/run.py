@@ -45,7 +45,6 @@ from jaxlm.checkpoint import Checkpointer, CheckpointDamaged
 from jaxlm.compile_cache import use_compilation_cache
 from jaxlm.config import CheckpointConfig, Config, architecture
 from jaxlm.config_checks import validate
-from jaxlm.data import label_names
 from jaxlm.errors import UserError
 from jaxlm.sharding import fit_axes
 from jaxlm.span_corruption import reserved_ids, sentinel_count
@@ -337,6 +336,8 @@ def resolve(cfg: Config, tokenizer: Tokenizer) -> Config:
                         f"({tokenizer.vocab_size}){also}; raise it or leave it null")
     labels = cfg.model.num_labels
     if cfg.objective == "classify":
+        from jaxlm.data import label_names  # tfds and grain: only commands that read data need them
+
         names = label_names(cfg.data)
         labels = labels or len(names)
         if labels < len(names):
