@@ -139,11 +139,21 @@ MIN_REPLICA_PARALLEL_SLICE_BYTES = 2**20
 
 def _use_single_replica_for_small_arrays() -> None:
     """Orbax's default jax.Array handler (with the array metadata store of its own registry),
-    the slice threshold aside."""
+    the slice threshold aside; registered once, when this module is imported, without Orbax's
+    warning about the override (it is deliberate, and users would see it on every command)."""
     handler = ocp.type_handlers.ArrayHandler(
         array_metadata_store=array_metadata_store.Store(),
         min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES)
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_use_single_replica_for_small_arrays()
 
 
 def _handlers(params_write_bytes: int | None) -> dict[str, Any] | None:
@@ -182,7 +192,6 @@ class Checkpointer:
         self._unconfirmed: int | None = None  # the last step saved, until it is seen committed
         self._errors = _StorageErrors()
         _quiet_orbax_leftovers()
-        _use_single_replica_for_small_arrays()
         logging.getLogger("absl").addFilter(self._errors)
 
     # ------------------------------------------------------------ writing

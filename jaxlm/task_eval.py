@@ -1,7 +1,7 @@
 """Task models put to use: seq2seq completions and their exact match, corpus BLEU (sacrebleu,
 its default 13a tokenization; 0 where outputs are single words, which have no 4-grams) and chrF
-(character n-grams, meaningful for words too), class predictions and the classification metrics (accuracy,
-macro-F1, per-class counts) from a confusion matrix.
+(character n-grams, meaningful for words too), class predictions and the classification metrics
+(accuracy, macro-F1, per-class counts) from a confusion matrix.
 
 Shape legend: B batch, L sequence, C classes.
 """
