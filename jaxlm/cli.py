@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from jaxlm.config import Config
 
 DEFAULT_CONFIG_NAME = "tiny_clm"
+INTERRUPTED = 130  # exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
 DEFAULT_CONFIG = SHIPPED_CONFIGS / f"{DEFAULT_CONFIG_NAME}.yaml"  # its file (tools/ take paths)
 
 
@@ -392,15 +393,18 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as err:
         print(f"jaxlm: stopped: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # train turns Ctrl-C into TrainingStopped; other commands end here
+        print("jaxlm: interrupted; run the same command again to redo it", file=sys.stderr)
+        return INTERRUPTED
     return code or 0
 
 
 def run_main() -> None:
-    """Console entry point. After a stopped run everything of ours is closed and written, but a
-    failed Orbax write can leave its I/O threads behind, which would print tracebacks while the
-    interpreter shuts down: exit without that shutdown."""
+    """Console entry point. After a stopped or interrupted command everything of ours is closed,
+    but a failed or interrupted Orbax write can leave its I/O threads behind, which would print
+    tracebacks while the interpreter shuts down: exit without that shutdown."""
     code = main()
-    if code == 1:
+    if code in (1, INTERRUPTED):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

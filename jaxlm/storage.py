@@ -101,7 +101,7 @@ class ObjectLock:
             self.blob.upload_from_string(json.dumps(info), if_generation_match=0)
         except self.exceptions.PreconditionFailed:
             holder = self._holder()
-            if holder.get("host") != socket.gethostname() or _alive(holder.get("pid")):
+            if holder.get("host") != socket.gethostname() or pid_alive(holder.get("pid")):
                 return holder
             try:  # its holder died on this host: take it over, unless another job just did
                 self.blob.upload_from_string(json.dumps(info), if_generation_match=holder["generation"])
@@ -127,7 +127,8 @@ class ObjectLock:
             self.generation = None
 
 
-def _alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether process `pid` of this host still runs (an unreadable pid: no)."""
     try:
         os.kill(int(pid), 0)
     except PermissionError:

@@ -143,3 +143,28 @@ def test_every_command_works_on_an_imported_run(family, command, hf_dir, tmp_pat
         assert json.loads(out.out.strip().splitlines()[-1])["step"] == 0
     else:
         assert out.out.strip()
+
+
+
+def test_an_interrupted_import_is_one_line_and_writes_nothing(hf_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    from jaxlm.hf import importer
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importer, "load_params", interrupted)
+    assert main(["import", "--hf", str(hf_dir["gpt2"]), "--out", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err == "jaxlm: interrupted; run the same command again to redo it\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_killed_imports_staging_directory_goes_at_the_next_import(hf_dir, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / f".run.importing-{dead}" / "checkpoints").mkdir(parents=True)
+    assert main(["import", "--hf", str(hf_dir["gpt2"]), "--out", str(tmp_path / "run")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

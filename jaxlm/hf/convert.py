@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxlm.config import ENCODER_DECODER_OBJECTIVES, ModelConfig
 from jaxlm.errors import UserError
+from jaxlm.storage import pid_alive
 
 Arrays = tuple[np.ndarray, ...]
 # Params with a vocabulary axis (and which one): padded rows beyond the tokenizer are dropped.
@@ -184,7 +185,11 @@ def staged_output(out: Path, verb: str) -> Iterator[Path]:
     succeeds: nothing half-written ever appears at `out`, and a non-empty `out` is refused."""
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose a new directory")
-    staging = out.absolute().parent / f".{out.name}.{verb}-{os.getpid()}"
+    parent = out.absolute().parent
+    for stale in parent.glob(f".{out.name}.{verb}-*"):  # left by a killed or interrupted run
+        if not pid_alive(stale.name.rpartition("-")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = parent / f".{out.name}.{verb}-{os.getpid()}"
     try:
         staging.mkdir(parents=True)
         yield staging

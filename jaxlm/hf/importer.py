@@ -166,8 +166,10 @@ def import_hf(directory: Path, out: Path, objective: str | None = None) -> Confi
         largest = max(leaf.nbytes for leaf in jax.tree.leaves(params))
         checkpointer = Checkpointer(staging / "checkpoints", CheckpointConfig(async_save=False),
                                     params_write_bytes=largest)
-        checkpointer.save(0, {"params": params}, None, cfg)
-        checkpointer.close()
+        try:  # closed even when interrupted: Orbax's threads finish before staging is removed
+            checkpointer.save(0, {"params": params}, None, cfg)
+        finally:
+            checkpointer.close()
         for name in TOKENIZER_FILES:
             if (directory / name).exists():
                 shutil.copyfile(directory / name, staging / name)
