@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.attention import attention_mask, dot_product_attention, dropout_attention
+from jaxlm import projection
+from jaxlm.attention import attention_mask, dot_product_attention, reference_attention
 from jaxlm.config import ModelConfig, head_dim, kv_heads, scans_layers
 from jaxlm.sharding import constrain
 
@@ -28,10 +29,11 @@ Array = jax.Array
 ACTIVATION_AXES = ("batch", None, None)
 # The KV cache (layers, rows, slots, heads, head dim): rows like the batch, heads like the params.
 CACHE_AXES = ("layers", "batch", None, "heads", "kv")
-# train.remat -> what each scanned layer keeps for the backward pass (the rest is recomputed).
+# train.remat -> what each layer keeps for the backward pass (the rest is recomputed);
+# dots_saveable: the projections' outputs (attention's batched dots are recomputed).
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.save_only_these_names(projection.CHECKPOINT_NAME),
 }
 
 
@@ -116,7 +118,8 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rope: bool = True):
         d, h, g, k = cfg.d_model, cfg.n_heads, kv_heads(cfg), head_dim(cfg)
-        common = {"dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype, "rngs": rngs}
+        common = {"dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype, "rngs": rngs,
+                  "einsum_op": projection.einsum_op}
         qkv = _dense_init(0.02, ("embed", "heads", "kv"))
         self.q = nnx.Einsum("BLD,DHK->BLHK", (d, h, k), **_bias(cfg, (h, k), ("heads", "kv")),
                             **qkv, **common)
@@ -147,8 +150,8 @@ class Attention(nnx.Module):
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._qkv(x_BxLxD, positions_BxL)
         if drop is not None:  # training with dropout: the XLA reference with dropped probabilities
             mask_Bx1xLxL = attention_mask(segment_ids_BxL, causal)
-            out_BxLxHxK = dropout_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL,
-                                            lambda p: drop(p, ATTN_DROP))
+            out_BxLxHxK = reference_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL,
+                                              lambda p: drop(p, ATTN_DROP))
             return self.o(out_BxLxHxK)
         out_BxLxHxK = dot_product_attention(
             q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL,
@@ -184,12 +187,9 @@ class Attention(nnx.Module):
               drop: Dropout | None = None) -> Array:
         """Attention of `x` over the keys/values `kv` of another sequence where the mask allows."""
         q_BxLxHxK, (k_BxMxGxK, v_BxMxGxK) = self.q(x_BxLxD), kv
-        if drop is not None:
-            out_BxLxHxK = dropout_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask_Bx1xLxM,
-                                            lambda p: drop(p, CROSS_DROP))
-        else:
-            out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK,
-                                                       mask=mask_Bx1xLxM, implementation="xla")
+        drop_probs = None if drop is None else (lambda p: drop(p, CROSS_DROP))
+        out_BxLxHxK = reference_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask_Bx1xLxM,
+                                          drop_probs)
         return self.o(out_BxLxHxK)
 
 
@@ -197,7 +197,7 @@ class Mlp(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
         common = {"dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype, "rngs": rngs,
-                  "use_bias": cfg.bias}
+                  "use_bias": cfg.bias, "dot_general": projection.dot_general}
         wi = _dense_init(0.02, ("embed", "mlp")) | {"bias_metadata": {"out_sharding": ("mlp",)}}
         self.up = nnx.Linear(d, f, **wi, **common)
         self.gate = nnx.Linear(d, f, **wi, **common) if cfg.mlp == "swiglu" else None
@@ -346,7 +346,7 @@ class Transformer(LanguageModel):
         self.causal = causal
         self.remat = remat
         self.dropout = cfg.dropout
-        self.scan_layers = scans_layers(cfg)
+        self.scan_layers = scans_layers(cfg, remat=remat)
         with nnx.use_eager_sharding(False):
             self._init_embeddings(cfg, rngs)
             self.blocks = stacked_blocks(cfg, rngs, cfg.n_layers, Block)
@@ -453,7 +453,9 @@ def scan_blocks(blocks: nnx.Module, x_BxLxD: Array, apply: Callable[..., Array],
         return constrain(x_BxLxD, ACTIVATION_AXES), None
 
     if remat != "none":
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        # Unrolled, XLA would merge the recomputation back into the forward pass (no memory
+        # saved) unless kept apart; inside a scan it cannot, and the barrier costs speed.
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
     x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, (block_state, keys), unroll=1 if scan else n_layers)
     return x_BxLxD
 

@@ -108,3 +108,30 @@ def test_a_kernel_jax_refuses_while_tracing_also_falls_back(monkeypatch):
         )
     np.testing.assert_array_equal(out, _reference(q, k, v, causal=True))
     assert [str(w.message).split(":")[0] for w in caught] == ["model.attention=cudnn was refused"]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_reference_attention_equals_jax_nn_values_and_gradients(causal, kv_heads):
+    """The heads-first reference is jax.nn's XLA attention, with grouped-query kv heads too."""
+    q, _, _ = _qkv()
+    k, v = (x[:, :, :kv_heads] for x in _qkv(heads=4)[1:])
+    mask = attention.attention_mask(jnp.asarray(SEGMENTS_BxL), causal)
+    ours = lambda q, k, v: attention.reference_attention(q, k, v, mask)
+    theirs = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    loss = lambda fn: lambda q, k, v: (fn(q, k, v) * jnp.arange(16.0)).sum()
+    np.testing.assert_allclose(ours(q, k, v), theirs(q, k, v), atol=1e-6)
+    for got, want in zip(jax.grad(loss(ours), (0, 1, 2))(q, k, v),
+                         jax.grad(loss(theirs), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_attention_over_another_sequence_length():
+    """Cross-attention: 128 queries over 40 keys, each query row seeing a different prefix."""
+    q, _, _ = _qkv()
+    k, v = (x[:, :40] for x in _qkv()[1:])
+    mask = (jnp.arange(40)[None, None, None, :] <= jnp.arange(128)[None, None, :, None] % 40)
+    mask = jnp.broadcast_to(mask, (2, 1, 128, 40))
+    np.testing.assert_allclose(
+        attention.reference_attention(q, k, v, mask),
+        jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"), atol=1e-6)

@@ -260,3 +260,28 @@ def test_gqa_shares_kv_heads_and_token_types_change_the_output():
                                                       (2, True, True), (12, False, False)])
 def test_scan_layers_null_unrolls_shallow_models_only(layers, setting, scanned):
     assert scans_layers(dataclasses.replace(CFG, n_layers=layers, scan_layers=setting)) == scanned
+
+
+@pytest.mark.parametrize("remat, setting, scanned", [("full", None, True),
+                                                     ("dots_saveable", None, True),
+                                                     ("full", False, False)])
+def test_remat_scans_shallow_models_unless_told_not_to(remat, setting, scanned):
+    cfg = dataclasses.replace(CFG, n_layers=2, scan_layers=setting)
+    assert scans_layers(cfg, remat=remat) == scanned
+
+
+def test_remat_keeps_fewer_activations_than_none():
+    """Compiled temp memory of the gradient: full < dots_saveable < none, full under 0.6 of none
+    (2 layers, default scan_layers; unrolled, full kept 29 of none's 31 MB)."""
+    cfg = dataclasses.replace(CFG, n_layers=2, d_model=64, d_ff=256)
+    tokens = jnp.ones((8, 128), jnp.int32)
+
+    def temp_bytes(remat):
+        model = Transformer(cfg, causal=True, rngs=nnx.Rngs(0), remat=remat)
+        graphdef, params = nnx.split(model)
+        loss = lambda p: nnx.merge(graphdef, p)(tokens, tokens, tokens).sum()
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    full, dots, none = (temp_bytes(r) for r in ("full", "dots_saveable", "none"))
+    assert full < dots < none and full < 0.6 * none
