@@ -76,10 +76,10 @@ def reference_attention(q_BxLxHxK: Array, k_BxMxGxK: Array, v_BxMxGxK: Array,
     Heads first: XLA:CPU runs the two batched dots and their gradients on B x heads contiguous
     L x K blocks, ~2x faster forward and ~1.3x forward + backward than jax.nn's sequence-first
     einsums (docs/benchmarks.md). Each of the G kv heads serves its R = H / G query heads
-    without being copied."""
+    without k and v being repeated."""
     rows, length, heads, dim = q_BxLxHxK.shape
-    groups = k_BxMxGxK.shape[2]
-    q_BxGxRxLxK = q_BxLxHxK.reshape(rows, length, groups, heads // groups, dim)
+    kv_heads = k_BxMxGxK.shape[2]
+    q_BxGxRxLxK = q_BxLxHxK.reshape(rows, length, kv_heads, heads // kv_heads, dim)
     q_BxGxRxLxK = q_BxGxRxLxK.transpose(0, 2, 3, 1, 4)
     k_BxGxMxK, v_BxGxMxK = (t.transpose(0, 2, 1, 3) for t in (k_BxMxGxK, v_BxMxGxK))
     scores_BxGxRxLxM = jnp.einsum("BGRLK,BGMK->BGRLM", q_BxGxRxLxK, k_BxGxMxK,

@@ -57,7 +57,7 @@ class ModelConfig:
     n_encoder_layers: int | None = None  # encoder_decoder: None means n_layers
     n_decoder_layers: int | None = None  # encoder_decoder: None means n_layers
     dropout: float = 0.0  # embedding, attention and residual dropout while training
-    scan_layers: bool | None = None  # None: unrolled up to UNROLL_MAX_LAYERS layers, else scanned
+    scan_layers: bool | None = None  # None: unrolled up to UNROLL_MAX_LAYERS layers (no remat)
     num_labels: int | None = None  # classify: None means the number of labels in the data
 
 
@@ -374,13 +374,11 @@ def encoder_layers(model: ModelConfig) -> int:
 UNROLL_MAX_LAYERS = 8
 
 
-def scans_layers(model: ModelConfig, n_layers: int | None = None, remat: str = "none") -> bool:
+def scans_layers(model: ModelConfig, n_layers: int | None = None) -> bool:
     """Whether a loop over `n_layers` (default model.n_layers) layers runs as one `lax.scan`
-    (else unrolled; the params are the same). With train.remat, null scans: unrolled layers kept
-    their activations anyway (25M model, 8 layers, remat full: 609 MiB of temp buffers
-    unrolled against 199 MiB scanned; none: 651 MiB)."""
+    (else unrolled; the params are the same). train.remat scans regardless (model.scan_blocks)."""
     if model.scan_layers is None:
-        return remat != "none" or (n_layers or model.n_layers) > UNROLL_MAX_LAYERS
+        return (n_layers or model.n_layers) > UNROLL_MAX_LAYERS
     return model.scan_layers
 
 

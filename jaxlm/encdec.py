@@ -74,8 +74,8 @@ class EncoderDecoder(LanguageModel):
             raise ValueError("ModelConfig.vocab_size must be resolved from the tokenizer first")
         self.remat, self.dropout = remat, cfg.dropout
         n_encoder, n_decoder = encoder_layers(cfg), decoder_layers(cfg)
-        self.scan_encoder = scans_layers(cfg, n_encoder, remat)
-        self.scan_decoder = scans_layers(cfg, n_decoder, remat)
+        self.scan_encoder = scans_layers(cfg, n_encoder)
+        self.scan_decoder = scans_layers(cfg, n_decoder)
         with nnx.use_eager_sharding(False):
             self._init_embeddings(cfg, rngs)
             self.encoder = stacked_blocks(cfg, rngs, n_encoder, Block)

@@ -24,7 +24,7 @@ CHECKPOINT_NAME = "projection"
 
 
 def project(x: Array, kernel: Array, contracted: int, precision: Any = None) -> Array:
-    """x's last `contracted` dims against kernel's first `contracted`: shape lead + kernel's rest."""
+    """x's last `contracted` dims against kernel's first: x's other dims + kernel's other dims."""
     return checkpoint_name(_project(x, kernel, contracted, precision), CHECKPOINT_NAME)
 
 
@@ -43,11 +43,11 @@ def _project_fwd(x: Array, kernel: Array, contracted: int, precision: Any) -> tu
 
 def _project_bwd(contracted: int, precision: Any, residuals: tuple, grad: Array) -> tuple:
     x, kernel = residuals
-    lead = x.ndim - contracted
-    outputs = tuple(range(lead, grad.ndim))
-    grad_x = lax.dot_general(grad, kernel, ((outputs, tuple(range(contracted, kernel.ndim))),
-                                            ((), ())), precision=precision)
-    leading = tuple(range(lead))
+    leading = tuple(range(x.ndim - contracted))  # batch and sequence dims, in x and in grad
+    outputs = tuple(range(len(leading), grad.ndim))
+    kernel_outputs = tuple(range(contracted, kernel.ndim))
+    grad_x = lax.dot_general(grad, kernel, ((outputs, kernel_outputs), ((), ())),
+                             precision=precision)
     grad_kernel = lax.dot_general(x, grad, ((leading, leading), ((), ())), precision=precision)
     return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
 
@@ -56,21 +56,30 @@ _project.defvjp(_project_fwd, _project_bwd)
 
 
 def einsum_op(equation: str, x: Array, kernel: Array, *, precision: Any = None,
-              out_sharding: Any = None) -> Array:
+              out_sharding: Any = None, preferred_element_type: Any = None) -> Array:
     """`nnx.Einsum`'s einsum_op for equations of the form 'PC,CO->PO' (P, C, O strings of dims)."""
+    _check_defaults(out_sharding, preferred_element_type)
     inputs, out = equation.split("->")
     lhs, rhs = inputs.split(",")
     contracted = "".join(dim for dim in lhs if dim in rhs and dim not in out)
     n = len(contracted)
-    if out_sharding is not None or not n or lhs[-n:] != contracted or \
-            rhs[:n] != contracted or lhs[:-n] + rhs[n:] != out:
+    form = n and lhs[-n:] == contracted == rhs[:n] and lhs[:-n] + rhs[n:] == out
+    if not form:
         raise ValueError(f"projection.einsum_op takes 'PC,CO->PO' equations, got {equation!r}")
     return project(x, kernel, n, precision)
 
 
 def dot_general(x: Array, kernel: Array, dimension_numbers: tuple, *, precision: Any = None,
-                out_sharding: Any = None) -> Array:
+                out_sharding: Any = None, preferred_element_type: Any = None) -> Array:
     """`nnx.Linear`'s dot_general (x's last dim against the kernel's first)."""
-    if out_sharding is not None or dimension_numbers != _forward_dims(x, 1):
-        raise ValueError(f"projection.dot_general takes Linear's contraction, got {dimension_numbers}")
+    _check_defaults(out_sharding, preferred_element_type)
+    if dimension_numbers != _forward_dims(x, 1):
+        raise ValueError(
+            f"projection.dot_general takes Linear's contraction, got {dimension_numbers}")
     return project(x, kernel, 1, precision)
+
+
+def _check_defaults(out_sharding: Any, preferred_element_type: Any) -> None:
+    """The model's modules set neither; a module that does needs them in `project` first."""
+    if out_sharding is not None or preferred_element_type is not None:
+        raise ValueError("projection ops take no out_sharding or preferred_element_type")

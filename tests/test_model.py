@@ -262,18 +262,10 @@ def test_scan_layers_null_unrolls_shallow_models_only(layers, setting, scanned):
     assert scans_layers(dataclasses.replace(CFG, n_layers=layers, scan_layers=setting)) == scanned
 
 
-@pytest.mark.parametrize("remat, setting, scanned", [("full", None, True),
-                                                     ("dots_saveable", None, True),
-                                                     ("full", False, False)])
-def test_remat_scans_shallow_models_unless_told_not_to(remat, setting, scanned):
-    cfg = dataclasses.replace(CFG, n_layers=2, scan_layers=setting)
-    assert scans_layers(cfg, remat=remat) == scanned
-
-
 def test_remat_keeps_fewer_activations_than_none():
     """Compiled temp memory of the gradient: full < dots_saveable < none, full under 0.6 of none
-    (2 layers, default scan_layers; unrolled, full kept 29 of none's 31 MB)."""
-    cfg = dataclasses.replace(CFG, n_layers=2, d_model=64, d_ff=256)
+    (2 layers, asked to unroll; unrolled, full kept 29 of none's 31 MB)."""
+    cfg = dataclasses.replace(CFG, n_layers=2, d_model=64, d_ff=256, scan_layers=False)
     tokens = jnp.ones((8, 128), jnp.int32)
 
     def temp_bytes(remat):

@@ -1,6 +1,7 @@
 """Compares the train steps of two configs in one process, alternating their steps.
 
-    python tools/bench_ab.py --set model.n_layers=8 --b train.remat=full [--rounds 50]
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+        python tools/bench_ab.py --set model.n_layers=8 --b train.remat=full [--rounds 50]
 
 On a shared host a benchmark run can be 15 % slower than the next identical one; alternating A
 and B step by step exposes both to the same load, so their per-round ratio is stable where two
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -25,8 +28,17 @@ from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import load_tokenizer
 
 
-def compiled_step(config: Path, overrides: list[str]) -> list:
-    """[compiled step, state, device batch] of a config (synthetic full rows)."""
+@dataclass
+class Run:
+    """One side of the comparison: its compiled step, current state and (fixed) batch."""
+
+    step: Callable
+    state: Any
+    batch: Any
+
+
+def compiled_step(config: Path, overrides: list[str]) -> Run:
+    """The compiled train step of a config on synthetic full rows."""
     cfg = load_config(config, overrides)
     cfg = resolve(cfg, load_tokenizer(cfg.data.tokenizer))
     setup = make_setup(cfg)
@@ -34,16 +46,16 @@ def compiled_step(config: Path, overrides: list[str]) -> list:
     host_batch = synthetic_batch(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size,
                                  target_length(cfg))
     batch = jax.device_put(host_batch, setup.batch_sharding)
-    return [make_train_step(setup).lower(state, batch).compile(), state, batch]
+    return Run(make_train_step(setup).lower(state, batch).compile(), state, batch)
 
 
-def alternate(runs: dict[str, list], rounds: int) -> dict[str, list[float]]:
+def alternate(runs: dict[str, Run], rounds: int) -> dict[str, list[float]]:
     """Seconds per step of each run, one step of each per round after a warm-up round."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for round_index in range(rounds + 1):
         for name, run in runs.items():
             start = time.perf_counter()
-            run[1], metrics = run[0](run[1], run[2])
+            run.state, metrics = run.step(run.state, run.batch)
             jax.block_until_ready(metrics)
             if round_index:
                 times[name].append(time.perf_counter() - start)
