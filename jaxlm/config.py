@@ -57,7 +57,7 @@ class ModelConfig:
     n_encoder_layers: int | None = None  # encoder_decoder: None means n_layers
     n_decoder_layers: int | None = None  # encoder_decoder: None means n_layers
     dropout: float = 0.0  # embedding, attention and residual dropout while training
-    scan_layers: bool | None = None  # None: unrolled up to UNROLL_MAX_LAYERS layers (no remat)
+    scan_layers: bool | None = None  # None: unrolled up to UNROLL_MAX_LAYERS layers, else scanned
     num_labels: int | None = None  # classify: None means the number of labels in the data
 
 
