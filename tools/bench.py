@@ -39,7 +39,7 @@ import numpy as np
 from jaxlm.cli import DEFAULT_CONFIG
 from jaxlm.config import load_config, target_length
 from jaxlm.flops import flops_per_token, matmul_params, measured_matmul_flops, table_peak
-from jaxlm.state import init_state, make_setup, make_train_step
+from jaxlm.state import Setup, init_state, make_setup, make_train_step
 from jaxlm.tokenizer import load_tokenizer
 from jaxlm.run import resolve
 
@@ -76,16 +76,23 @@ def synthetic_batch(rows: int, length: int, vocab: int,
     return batch
 
 
-def bench(args: argparse.Namespace) -> dict:
-    """Compiles the step (timed apart), runs --steps of it and reports one JSON-ready dict."""
-    cfg = load_config(args.config, args.overrides)
+def prepare(config: Path, overrides: list[str]) -> tuple[Setup, dict, dict]:
+    """A config's setup, initialised state and a synthetic batch on the devices."""
+    cfg = load_config(config, overrides)
     cfg = resolve(cfg, load_tokenizer(cfg.data.tokenizer))
     setup = make_setup(cfg)
     # Wait for the (async) init: still running, it would slow and inflate the compile timing.
     state = jax.block_until_ready(init_state(setup))
+    host_batch = synthetic_batch(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size,
+                                 target_length(cfg))
+    return setup, state, jax.device_put(host_batch, setup.batch_sharding)
+
+
+def bench(args: argparse.Namespace) -> dict:
+    """Compiles the step (timed apart), runs --steps of it and reports one JSON-ready dict."""
+    setup, state, batch = prepare(args.config, args.overrides)
+    cfg = setup.cfg
     rows, length = cfg.train.batch_size, cfg.data.seq_len
-    host_batch = synthetic_batch(rows, length, cfg.model.vocab_size, target_length(cfg))
-    batch = jax.device_put(host_batch, setup.batch_sharding)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()

@@ -20,12 +20,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from bench import synthetic_batch
+from bench import prepare
 from jaxlm.cli import DEFAULT_CONFIG
-from jaxlm.config import load_config, target_length
-from jaxlm.run import resolve
-from jaxlm.state import init_state, make_setup, make_train_step
-from jaxlm.tokenizer import load_tokenizer
+from jaxlm.state import make_train_step
 
 
 @dataclass
@@ -39,13 +36,7 @@ class Run:
 
 def compiled_step(config: Path, overrides: list[str]) -> Run:
     """The compiled train step of a config on synthetic full rows."""
-    cfg = load_config(config, overrides)
-    cfg = resolve(cfg, load_tokenizer(cfg.data.tokenizer))
-    setup = make_setup(cfg)
-    state = jax.block_until_ready(init_state(setup))
-    host_batch = synthetic_batch(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size,
-                                 target_length(cfg))
-    batch = jax.device_put(host_batch, setup.batch_sharding)
+    setup, state, batch = prepare(config, overrides)
     return Run(make_train_step(setup).lower(state, batch).compile(), state, batch)
 
 
