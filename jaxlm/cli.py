@@ -221,10 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from jaxlm import distributed
     from jaxlm.config import load_config
+    from jaxlm.sharding import use_cpu_devices
     from jaxlm.train import train
 
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     cfg = load_config(config_path(args.config), args.overrides)
+    use_cpu_devices(cfg.mesh, cfg.train.batch_size, cfg.train.grad_accum_steps,
+                    single_process=not distributed.joins_job(args.coordinator))
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if args.dry_run:
         return _dry_run(cfg, args.topology)
     if args.topology:

@@ -137,6 +137,7 @@ def _default_rules() -> dict[str, tuple[str, ...]]:
 class MeshConfig:
     axes: dict[str, int] = field(default_factory=_default_axes)  # -1: the remaining devices
     rules: dict[str, tuple[str, ...]] = field(default_factory=_default_rules)  # logical -> mesh
+    cpu_devices: int | None = None  # XLA:CPU devices of `jaxlm train`; None: one per core (auto)
 
 
 @dataclass(frozen=True)

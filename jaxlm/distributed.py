@@ -17,6 +17,11 @@ def _cluster_detected() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
+def joins_job(coordinator: str | None) -> bool:
+    """Whether this process is one of several (explicit coordinator or a detected cluster)."""
+    return coordinator is not None or _cluster_detected()
+
+
 def initialize(
     coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> None:
@@ -25,7 +30,7 @@ def initialize(
     Explicit flags win; otherwise TPU pods, SLURM and the standard JAX environment variables are
     detected. A single process on its own is left alone.
     """
-    if coordinator is None and not _cluster_detected():
+    if not joins_job(coordinator):
         return
     jax.distributed.initialize(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id

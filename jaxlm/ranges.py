@@ -93,6 +93,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "train.grad_accum_steps": AT_LEAST_1,
     "train.pseudo_ppl_examples": AT_LEAST_0,
     "train.profile_steps": AT_LEAST_1,  # each of [first, last]
+    "mesh.cpu_devices": AT_LEAST_1,
     "checkpoint.every": AT_LEAST_1,
     "checkpoint.keep": AT_LEAST_1,
 }

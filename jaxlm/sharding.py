@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 from typing import Any, Callable, Iterator
 
 import jax
@@ -21,6 +22,8 @@ from jaxlm.errors import UserError
 
 BATCH = "batch"  # logical name of the leading axis of every input batch
 MESH_AXES = ("data", "fsdp", "tensor")  # the mesh axes the rules may map logical axes onto
+# Each device replicates what the mesh does not split (by default params and optimizer state).
+MAX_AUTO_CPU_DEVICES = 8
 
 # (mesh, rules) while a step is traced, so the model can constrain activations by logical names.
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
@@ -31,6 +34,17 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.Context
 def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
     """Mesh with the configured named axes; one size may be -1 for 'the remaining devices'."""
     devices = devices if devices is not None else jax.devices()
+    sizes = mesh_sizes(cfg, len(devices))
+    return jax.make_mesh(
+        tuple(sizes.values()),
+        tuple(sizes),
+        axis_types=(AxisType.Auto,) * len(sizes),
+        devices=devices,
+    )
+
+
+def mesh_sizes(cfg: MeshConfig, device_count: int) -> dict[str, int]:
+    """The mesh axes' sizes over `device_count` devices (the -1 axis filled in)."""
     sizes = dict(cfg.axes)
     unknown = [name for name in sizes if name not in MESH_AXES]
     if unknown:
@@ -43,24 +57,47 @@ def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
         if size == 0 or size < -1:
             raise UserError(f"mesh.axes.{name} must be positive or -1, got {size}")
     known = math.prod(s for s in sizes.values() if s != -1)
-    if len(devices) % known:
+    if device_count % known:
         raise UserError(
-            f"mesh.axes {sizes} need a multiple of {known} devices but {len(devices)} are present; "
+            f"mesh.axes {sizes} need a multiple of {known} devices but {device_count} are present; "
             "change mesh.axes so their product divides the device count"
         )
     if fill:
-        sizes[fill[0]] = len(devices) // known
-    if math.prod(sizes.values()) != len(devices):
+        sizes[fill[0]] = device_count // known
+    if math.prod(sizes.values()) != device_count:
         raise UserError(
-            f"mesh.axes {sizes} use {math.prod(sizes.values())} devices but {len(devices)} are "
+            f"mesh.axes {sizes} use {math.prod(sizes.values())} devices but {device_count} are "
             "present; set one axis to -1 or make the product equal the device count"
         )
-    return jax.make_mesh(
-        tuple(sizes.values()),
-        tuple(sizes),
-        axis_types=(AxisType.Auto,) * len(sizes),
-        devices=devices,
-    )
+    return sizes
+
+
+def use_cpu_devices(cfg: MeshConfig, batch_size: int, microbatches: int, single_process: bool) -> None:
+    """Sets how many XLA:CPU devices jax makes (before its backends start): mesh.cpu_devices, or
+    with null on a single process `auto_cpu_devices`. A count XLA_FLAGS or JAX_NUM_CPU_DEVICES
+    already gives wins. Accelerator hosts are unaffected: their mesh is made of their accelerators."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    if jax.config.jax_num_cpu_devices != -1 or (cfg.cpu_devices is None and not single_process):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = cfg.cpu_devices or auto_cpu_devices(cfg, batch_size, microbatches, cores or 1)
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def auto_cpu_devices(cfg: MeshConfig, batch_size: int, microbatches: int, cores: int) -> int:
+    """How many XLA:CPU devices a single-process CPU run makes: one per core (at most
+    MAX_AUTO_CPU_DEVICES), fewer where the mesh or the batch would not divide. Data parallelism over
+    the cores beats one device running each small op on all of them (docs/benchmarks.md)."""
+    for count in range(min(cores, MAX_AUTO_CPU_DEVICES), 1, -1):
+        try:
+            sizes = mesh_sizes(cfg, count)
+        except UserError:
+            continue
+        shards = math.prod(sizes[axis] for axis in cfg.rules.get(BATCH, ()))
+        if batch_size % (shards * microbatches) == 0:
+            return count
+    return 1
 
 
 def fit_axes(axes: dict[str, int], device_count: int) -> dict[str, int]:

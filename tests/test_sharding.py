@@ -4,6 +4,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from conftest import config_file, jaxlm_cli
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -11,7 +12,8 @@ from jaxlm.config import MeshConfig
 from jaxlm.data import open_split, train_pipeline
 from jaxlm.errors import UserError
 from jaxlm.objectives import example_fn, row_length
-from jaxlm.sharding import axis_rules, batch_shards, batch_sharding, global_batch, make_mesh
+from jaxlm.sharding import (auto_cpu_devices, axis_rules, batch_shards, batch_sharding,
+                            global_batch, make_mesh)
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import ByteTokenizer
 from jaxlm.run import resolve
@@ -40,6 +42,35 @@ def test_explicit_devices_build_a_smaller_mesh():
 def test_mesh_that_does_not_fit_is_a_user_error(axes, message):
     with pytest.raises(UserError, match=message):
         make_mesh(MeshConfig(axes=axes))
+
+
+@pytest.mark.parametrize("cores, batch_size, microbatches, axes, devices", [
+    (2, 8, 1, {}, 2),  # one per core
+    (1, 8, 1, {}, 1),
+    (2, 3, 1, {}, 1),  # the batch must split evenly
+    (16, 12, 1, {}, 6),  # at most 8, the largest count that divides the batch
+    (64, 256, 1, {}, 8),
+    (4, 8, 4, {}, 2),  # every microbatch splits too
+    (8, 8, 1, {"tensor": 2}, 8),  # 4 batch shards x 2 tensor
+    (3, 8, 1, {"tensor": 2}, 2),  # 3 devices cannot hold tensor 2
+])
+def test_auto_cpu_devices_is_one_per_core_that_the_mesh_and_batch_divide(
+        cores, batch_size, microbatches, axes, devices):
+    cfg = MeshConfig(axes={"data": -1, "fsdp": 1, "tensor": 1, **axes})
+    assert auto_cpu_devices(cfg, batch_size, microbatches, cores) == devices
+
+
+@pytest.mark.parametrize("xla_flags, mesh", [
+    ("--xla_backend_optimization_level=0", "{'data': 3, 'fsdp': 1, 'tensor': 1}"),
+    ("--xla_force_host_platform_device_count=1", "{'data': 1, 'fsdp': 1, 'tensor': 1}"),
+])
+def test_train_makes_mesh_cpu_devices_unless_xla_flags_count_them(xla_flags, mesh, tmp_path,
+                                                                  corpus, cache_dir):
+    proc = jaxlm_cli("train", "--dry-run", "--config", config_file(tmp_path, corpus, cache_dir),
+                     "--set", "mesh.cpu_devices=3", "--set", "train.batch_size=3",
+                     env={"XLA_FLAGS": xla_flags})
+    assert proc.returncode == 0, proc.stderr
+    assert f"mesh: {mesh}" in proc.stdout.splitlines()
 
 
 def test_rule_naming_an_unknown_mesh_axis():
