@@ -22,7 +22,7 @@ def _rows(docs, seq_len=16, seed=0):
 def test_an_epoch_of_rows_holds_every_document_once_and_whole():
     rows = _rows(DOCS)
     total = rows.index.total
-    flat = rows.rows(0, -(-total // 16))["tokens"].ravel()[:total]
+    flat = rows.rows(np.arange(-(-total // 16)))["tokens"].ravel()[:total]
     starts = np.flatnonzero(flat == BOS_ID)
     pieces = sorted(bytes(flat[a:b].astype(np.uint8)) for a, b in zip(starts, [*starts[1:], total]))
     tokenizer = ByteTokenizer()
@@ -32,7 +32,7 @@ def test_an_epoch_of_rows_holds_every_document_once_and_whole():
 
 
 def test_positions_and_segments_restart_per_document_and_per_row():
-    batch = _rows(DOCS).rows(3, 8)
+    batch = _rows(DOCS).rows(np.array([3, 4, 9, 2, 5, 6, 7, 40]))
     tokens, segments, positions = (batch[k] for k in ("tokens", "tokens_segment_ids",
                                                       "tokens_positions"))
     starts = tokens == BOS_ID
@@ -42,7 +42,7 @@ def test_positions_and_segments_restart_per_document_and_per_row():
 
 
 def test_a_one_document_corpus_fills_a_batch_larger_than_the_corpus():
-    long_document = [bytes(range(32, 127)) * 20]
+    long_document = [bytes(np.random.default_rng(0).integers(32, 127, 1900, dtype=np.uint8))]
     it = iter(train_pipeline(long_document, ByteTokenizer(), clm_example, seq_len=16,
                              global_batch=64, seed=0))
     inputs = next(it)["inputs"]
@@ -66,8 +66,25 @@ def test_the_global_batch_is_the_same_for_any_process_count(processes):
 def test_epochs_are_shuffled_apart():
     rows = _rows(DOCS)
     per_epoch = -(-rows.index.total // 16)
-    first, second = (rows.rows(k * per_epoch, 2)["tokens"] for k in range(2))
+    first, second = (rows.rows(np.arange(2) + k * per_epoch)["tokens"] for k in range(2))
     assert not np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("window_tokens", [64, 1024])
+def test_training_rows_are_each_window_of_stream_rows_once(window_tokens, monkeypatch):
+    monkeypatch.setattr(token_stream, "SHUFFLE_WINDOW_TOKENS", window_tokens)
+    rows = _rows(DOCS)
+    count = 3 * rows.window_rows
+    picked = rows.stream_rows(np.arange(count))
+    np.testing.assert_array_equal(np.sort(picked), np.arange(count))
+    windows = np.arange(count) // rows.window_rows
+    np.testing.assert_array_equal(picked // rows.window_rows, windows)
+
+
+def test_a_batch_draws_its_rows_from_across_the_window():
+    rows = _rows(DOCS * 50)
+    picked = rows.stream_rows(np.arange(8))
+    assert np.ptp(picked) > rows.window_rows // 2  # not 8 neighbours: one document's slices
 
 
 def test_the_iterator_state_is_a_batch_index():
