@@ -21,9 +21,9 @@ from flax import nnx
 
 from jaxlm.attention import cross_attention_mask
 from jaxlm.config import ModelConfig, decoder_layers, encoder_layers, scans_layers
-from jaxlm.model import (CACHE_AXES, Attention, Block, Dropout, KVCache, LanguageModel,
-                         embedding_dropout, empty_cache, make_norm, scan_blocks, scan_cached,
-                         stacked_blocks)
+from jaxlm.layers import Attention, Block, Dropout, KVCache, make_norm
+from jaxlm.model import (CACHE_AXES, LanguageModel, embedding_dropout, empty_cache, scan_blocks,
+                         scan_cached, stacked_blocks)
 from jaxlm.sharding import constrain
 
 Array = jax.Array

@@ -33,7 +33,7 @@ from flax import nnx
 from jaxlm import sharding
 from jaxlm.config import architecture
 from jaxlm.encdec import Seq2SeqCache
-from jaxlm.model import KVCache
+from jaxlm.layers import KVCache
 from jaxlm.state import Setup
 from jaxlm.tasks import encoder_input_ids
 from jaxlm.tokenizer import Tokenizer, unusable_ids

@@ -15,7 +15,8 @@ from flax import nnx
 
 from jaxlm.config import Config, ModelConfig, architecture
 from jaxlm.encdec import EncoderDecoder
-from jaxlm.model import Transformer, _dense_init
+from jaxlm.layers import dense_init
+from jaxlm.model import Transformer
 from jaxlm.objectives import weighted_sums
 
 Array = jax.Array
@@ -29,7 +30,7 @@ class Pooler(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.dense = nnx.Linear(cfg.d_model, cfg.d_model, dtype=cfg.compute_dtype,
-                                param_dtype=cfg.param_dtype, **_dense_init(0.02, ("embed", None)),
+                                param_dtype=cfg.param_dtype, **dense_init(0.02, ("embed", None)),
                                 bias_metadata={"out_sharding": (None,)}, rngs=rngs)
 
     def __call__(self, x_BxLxD: Array) -> Array:
@@ -44,7 +45,7 @@ class ClassifierHead(nnx.Module):
         self.pooler = None if causal else Pooler(cfg, rngs=rngs)
         self.dropout = cfg.dropout
         self.out = nnx.Linear(cfg.d_model, cfg.num_labels, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.param_dtype, **_dense_init(0.02, ("embed", None)),
+                              param_dtype=cfg.param_dtype, **dense_init(0.02, ("embed", None)),
                               bias_metadata={"out_sharding": (None,)}, rngs=rngs)
 
     def __call__(self, x_BxLxD: Array, dropout_key: Array | None = None) -> Array:
