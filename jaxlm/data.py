@@ -26,8 +26,8 @@ from jaxlm.datasets.corpus import CorpusConfig, PythonStdlib, TextFiles
 from jaxlm.errors import UserError
 from jaxlm.objectives import ExampleFn
 from jaxlm.tasks import TASK_OBJECTIVES, Encoder
-from jaxlm.token_stream import (FORMAT as STREAM_FORMAT, StreamRows, build_once, stream_batches,
-                                token_index, worker_options)
+from jaxlm.token_stream import (ROW_LAYOUT, StreamRows, build_once, stream_batches, token_index,
+                                worker_options)
 from jaxlm.tokenizer import Tokenizer, padding_id, tokenizer_files
 
 Example = dict[str, np.ndarray]
@@ -401,7 +401,7 @@ def label_names(cfg: DataConfig) -> list[str]:
 def dataset_manifest(cfg: DataConfig, objective: str = "clm") -> dict[str, Any] | None:
     """What a checkpoint's data position refers to: each source file's content digest by its
     corpus-relative path (None for TFDS catalog datasets, which are versioned by TFDS)."""
-    stream = {} if objective in TASK_OBJECTIVES else {"stream": STREAM_FORMAT}  # text rows
+    stream = {} if objective in TASK_OBJECTIVES else {"stream": ROW_LAYOUT}  # text rows
     if cfg.dataset not in LOCAL_DATASETS:
         return {"dataset": cfg.dataset, **stream} if stream else None
     builder_cls, corpus = _corpus(cfg, objective)

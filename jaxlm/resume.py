@@ -152,9 +152,9 @@ def resume_plan(checkpointer: Checkpointer, step: int, cfg: Config, dataset: dic
     changed = dataset_changes(saved_dataset, dataset)
     if changed.startswith(PIPELINE_CHANGE) and not force:
         raise UserError(
-            f"checkpoint {step} was written by an earlier data pipeline (one stream per batch row); "
-            "its data position does not apply to the token stream: pass --force-resume to "
-            "restart the data stream, or start a new train.run_dir"
+            f"checkpoint {step} was written by another {changed}; its data position does not "
+            "apply to this one: pass --force-resume to restart the data stream, or start a new "
+            "train.run_dir"
         )
     if changed and not force:
         raise UserError(

@@ -72,13 +72,22 @@ def mesh_sizes(cfg: MeshConfig, device_count: int) -> dict[str, int]:
     return sizes
 
 
-def use_cpu_devices(cfg: MeshConfig, batch_size: int, microbatches: int, single_process: bool) -> None:
+def use_cpu_devices(cfg: MeshConfig, batch_size: int, microbatches: int,
+                    single_process: bool) -> None:
     """Sets how many XLA:CPU devices jax makes (before its backends start): mesh.cpu_devices, or
     with null on a single process `auto_cpu_devices`. A count XLA_FLAGS or JAX_NUM_CPU_DEVICES
-    already gives wins. Accelerator hosts are unaffected: their mesh is made of their accelerators."""
+    already gives wins, and so do backends already started (jaxlm called inside a program that
+    used jax). Accelerator hosts are unaffected: their mesh is made of their accelerators."""
+    from jax._src import xla_bridge  # no public way to ask whether the backends have started
+
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
     if jax.config.jax_num_cpu_devices != -1 or (cfg.cpu_devices is None and not single_process):
+        return
+    if xla_bridge.backends_are_initialized():
+        if cfg.cpu_devices is not None:
+            raise UserError("mesh.cpu_devices applies when jax starts; this process already "
+                            "started it: run `jaxlm train` in a new process")
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     count = cfg.cpu_devices or auto_cpu_devices(cfg, batch_size, microbatches, cores or 1)
@@ -87,14 +96,20 @@ def use_cpu_devices(cfg: MeshConfig, batch_size: int, microbatches: int, single_
 
 def auto_cpu_devices(cfg: MeshConfig, batch_size: int, microbatches: int, cores: int) -> int:
     """How many XLA:CPU devices a single-process CPU run makes: one per core (at most
-    MAX_AUTO_CPU_DEVICES), fewer where the mesh or the batch would not divide. Data parallelism over
-    the cores beats one device running each small op on all of them (docs/benchmarks.md)."""
+    MAX_AUTO_CPU_DEVICES) that the batch divides, where the mesh's -1 axis only splits the batch
+    (data parallelism over the cores beats one device running each small op on all of them,
+    docs/benchmarks.md); else 1, jax's default."""
+    fill = [axis for axis, size in cfg.axes.items() if size == -1]
+    batch_axes = cfg.rules.get(BATCH, ())
+    if len(fill) != 1 or fill[0] not in batch_axes or any(
+            fill[0] in axes for name, axes in cfg.rules.items() if name != BATCH):
+        return 1
     for count in range(min(cores, MAX_AUTO_CPU_DEVICES), 1, -1):
         try:
             sizes = mesh_sizes(cfg, count)
         except UserError:
             continue
-        shards = math.prod(sizes[axis] for axis in cfg.rules.get(BATCH, ()))
+        shards = math.prod(sizes.get(axis, 1) for axis in batch_axes)
         if batch_size % (shards * microbatches) == 0:
             return count
     return 1

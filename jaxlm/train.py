@@ -35,7 +35,8 @@ def check_batch_size(cfg: Config, setup: Setup) -> None:
         raise UserError(
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by the {shards} batch "
             f"shards of the mesh times train.grad_accum_steps ({accum}) and by the {processes} "
-            "processes; change the batch size or train.grad_accum_steps"
+            "processes; change the batch size, train.grad_accum_steps or the mesh (mesh.axes, "
+            "mesh.cpu_devices)"
         )
 
 

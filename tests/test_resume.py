@@ -16,6 +16,7 @@ from jaxlm.errors import UserError
 from jaxlm.metrics import read_metrics
 from jaxlm.config import to_dict
 from jaxlm.resume import config_changes, dataset_changes
+from jaxlm.token_stream import ROW_LAYOUT
 from jaxlm.train import train
 
 KILL_RUN = {"train": {"steps": 24, "log_every": 1}, "checkpoint": {"every": 4, "keep": 10}}
@@ -204,10 +205,15 @@ def test_a_run_already_at_its_end_does_nothing(argv, tmp_path, corpus, cache_dir
     assert snapshot(run) == before
 
 
-def test_a_checkpoint_of_the_per_row_streams_names_the_pipeline_change():
+@pytest.mark.parametrize("saved_stream, named", [
+    (None, "one stream per batch row"),  # the per-row streams wrote no "stream"
+    ("token-stream-1", "token-stream-1"),  # consecutive stream rows per batch
+])
+def test_a_checkpoint_of_an_earlier_pipeline_names_the_change(saved_stream, named):
     saved = {"dataset": "python_stdlib", "files": {"a.py": "1"}}
-    now = {**saved, "stream": "token-stream-1"}
-    assert dataset_changes(saved, now) == "data pipeline one stream per batch row -> token-stream-1"
+    saved = saved if saved_stream is None else {**saved, "stream": saved_stream}
+    now = {**saved, "stream": ROW_LAYOUT}
+    assert dataset_changes(saved, now) == f"data pipeline {named} -> {ROW_LAYOUT}"
 
 
 def test_a_checkpoint_of_the_old_pipeline_is_refused_then_restarts_its_data_when_forced(tiny_cfg,
@@ -218,7 +224,7 @@ def test_a_checkpoint_of_the_old_pipeline_is_refused_then_restarts_its_data_when
         manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items()
                                         if k != "stream"}))
     longer = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, steps=8))
-    with pytest.raises(UserError, match="written by an earlier data pipeline"):
+    with pytest.raises(UserError, match="written by another data pipeline one stream per batch"):
         train(longer, show_progress=False)
     capsys.readouterr()
     train(longer, show_progress=False, force_resume=True)

@@ -13,7 +13,7 @@ from jaxlm.data import open_split, train_pipeline
 from jaxlm.errors import UserError
 from jaxlm.objectives import example_fn, row_length
 from jaxlm.sharding import (auto_cpu_devices, axis_rules, batch_shards, batch_sharding,
-                            global_batch, make_mesh)
+                            global_batch, make_mesh, use_cpu_devices)
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import ByteTokenizer
 from jaxlm.run import resolve
@@ -53,6 +53,8 @@ def test_mesh_that_does_not_fit_is_a_user_error(axes, message):
     (4, 8, 4, {}, 2),  # every microbatch splits too
     (8, 8, 1, {"tensor": 2}, 8),  # 4 batch shards x 2 tensor
     (3, 8, 1, {"tensor": 2}, 2),  # 3 devices cannot hold tensor 2
+    (6, 12, 1, {"data": 1, "fsdp": -1}, 1),  # more devices would shard the params: not asked
+    (6, 12, 1, {"data": 1, "tensor": -1}, 1),
 ])
 def test_auto_cpu_devices_is_one_per_core_that_the_mesh_and_batch_divide(
         cores, batch_size, microbatches, axes, devices):
@@ -71,6 +73,14 @@ def test_train_makes_mesh_cpu_devices_unless_xla_flags_count_them(xla_flags, mes
                      env={"XLA_FLAGS": xla_flags})
     assert proc.returncode == 0, proc.stderr
     assert f"mesh: {mesh}" in proc.stdout.splitlines()
+
+
+def test_cpu_devices_asked_after_jax_started_is_a_user_error(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    jax.devices()  # this process has started jax's backends
+    use_cpu_devices(MeshConfig(), 8, 1, single_process=True)  # automatic: keeps what runs
+    with pytest.raises(UserError, match="run `jaxlm train` in a new process"):
+        use_cpu_devices(MeshConfig(cpu_devices=2), 8, 1, single_process=True)
 
 
 def test_rule_naming_an_unknown_mesh_axis():
