@@ -1,5 +1,6 @@
 import dataclasses
 import functools
+import os
 
 import jax
 import numpy as np
@@ -73,6 +74,15 @@ def test_train_makes_mesh_cpu_devices_unless_xla_flags_count_them(xla_flags, mes
                      env={"XLA_FLAGS": xla_flags})
     assert proc.returncode == 0, proc.stderr
     assert f"mesh: {mesh}" in proc.stdout.splitlines()
+
+
+def test_train_makes_one_device_per_core_by_default(tmp_path, corpus, cache_dir):
+    cores = len(os.sched_getaffinity(0))
+    expected = auto_cpu_devices(MeshConfig(), 8, 1, cores)
+    proc = jaxlm_cli("train", "--dry-run", "--config", config_file(tmp_path, corpus, cache_dir),
+                     env={"XLA_FLAGS": "--xla_backend_optimization_level=0"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"mesh: {{'data': {expected}, 'fsdp': 1, 'tensor': 1}}" in proc.stdout.splitlines()
 
 
 def test_cpu_devices_asked_after_jax_started_is_a_user_error(monkeypatch):
