@@ -63,26 +63,30 @@ def test_auto_cpu_devices_is_one_per_core_that_the_mesh_and_batch_divide(
     assert auto_cpu_devices(cfg, batch_size, microbatches, cores) == devices
 
 
+def _train_dry_run_mesh(tmp_path, corpus, cache_dir, xla_flags: str, *sets: str) -> str:
+    """The mesh line `jaxlm train --dry-run` prints with this XLA_FLAGS and these --set values."""
+    args = [arg for value in sets for arg in ("--set", value)]
+    proc = jaxlm_cli("train", "--dry-run", "--config", config_file(tmp_path, corpus, cache_dir),
+                     *args, env={"XLA_FLAGS": xla_flags})
+    assert proc.returncode == 0, proc.stderr
+    return next(line for line in proc.stdout.splitlines() if line.startswith("mesh: "))
+
+
 @pytest.mark.parametrize("xla_flags, mesh", [
     ("--xla_backend_optimization_level=0", "{'data': 3, 'fsdp': 1, 'tensor': 1}"),
     ("--xla_force_host_platform_device_count=1", "{'data': 1, 'fsdp': 1, 'tensor': 1}"),
 ])
 def test_train_makes_mesh_cpu_devices_unless_xla_flags_count_them(xla_flags, mesh, tmp_path,
                                                                   corpus, cache_dir):
-    proc = jaxlm_cli("train", "--dry-run", "--config", config_file(tmp_path, corpus, cache_dir),
-                     "--set", "mesh.cpu_devices=3", "--set", "train.batch_size=3",
-                     env={"XLA_FLAGS": xla_flags})
-    assert proc.returncode == 0, proc.stderr
-    assert f"mesh: {mesh}" in proc.stdout.splitlines()
+    line = _train_dry_run_mesh(tmp_path, corpus, cache_dir, xla_flags, "mesh.cpu_devices=3",
+                               "train.batch_size=3")
+    assert line == f"mesh: {mesh}"
 
 
 def test_train_makes_one_device_per_core_by_default(tmp_path, corpus, cache_dir):
-    cores = len(os.sched_getaffinity(0))
-    expected = auto_cpu_devices(MeshConfig(), 8, 1, cores)
-    proc = jaxlm_cli("train", "--dry-run", "--config", config_file(tmp_path, corpus, cache_dir),
-                     env={"XLA_FLAGS": "--xla_backend_optimization_level=0"})
-    assert proc.returncode == 0, proc.stderr
-    assert f"mesh: {{'data': {expected}, 'fsdp': 1, 'tensor': 1}}" in proc.stdout.splitlines()
+    expected = auto_cpu_devices(MeshConfig(), 8, 1, len(os.sched_getaffinity(0)))
+    line = _train_dry_run_mesh(tmp_path, corpus, cache_dir, "--xla_backend_optimization_level=0")
+    assert line == f"mesh: {{'data': {expected}, 'fsdp': 1, 'tensor': 1}}"
 
 
 def test_cpu_devices_asked_after_jax_started_is_a_user_error(monkeypatch):
