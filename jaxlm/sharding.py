@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.config import MeshConfig
@@ -159,9 +160,35 @@ def batch_sharding(mesh: Mesh, rules: tuple) -> NamedSharding:
 
 def batch_shards(batch: NamedSharding) -> int:
     """How many slices the batch rows are split into."""
+    return math.prod(batch.mesh.shape[a] for a in _batch_axes(batch))
+
+
+def _batch_axes(batch: NamedSharding) -> tuple[str, ...]:
     axes = batch.spec[0] if batch.spec else None
-    axes = (axes,) if isinstance(axes, str) else (axes or ())
-    return math.prod(batch.mesh.shape[a] for a in axes)
+    return (axes,) if isinstance(axes, str) else (axes or ())
+
+
+def summed_over_batch_shards(fn: Callable, batch: NamedSharding) -> Callable:
+    """`fn(replicated, rows)` run on each device's rows of the batch, its outputs (a pytree)
+    summed over the batch's mesh axes in one all-reduce of one flat buffer.
+
+    For data parallelism on XLA:CPU, where an all-reduce pays a device rendezvous per operand:
+    a 4-layer model's 38 gradients and sums take 3.2 ms to reduce as XLA's combined all-reduce,
+    0.6 ms as one buffer of the same bytes. Inside, every array is one device's, so activation
+    layouts are not constrained."""
+    axes = _batch_axes(batch)
+
+    def local(replicated: Any, rows: Any) -> Any:
+        token = _ACTIVE.set(None)
+        try:
+            out = fn(replicated, rows)
+        finally:
+            _ACTIVE.reset(token)
+        flat, unravel = ravel_pytree(out)
+        return unravel(jax.lax.psum(flat, axes))
+
+    return jax.shard_map(local, mesh=batch.mesh, in_specs=(PartitionSpec(), batch.spec),
+                         out_specs=PartitionSpec(), check_vma=False)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -14,7 +14,7 @@ from jaxlm.data import open_split, train_pipeline
 from jaxlm.errors import UserError
 from jaxlm.objectives import example_fn, row_length
 from jaxlm.sharding import (auto_cpu_devices, axis_rules, batch_shards, batch_sharding,
-                            global_batch, make_mesh, use_cpu_devices)
+                            global_batch, make_mesh, summed_over_batch_shards, use_cpu_devices)
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import ByteTokenizer
 from jaxlm.run import resolve
@@ -101,6 +101,33 @@ def test_rule_naming_an_unknown_mesh_axis():
     cfg = MeshConfig(rules={"batch": ("data",), "embed": ("model",)})
     with pytest.raises(UserError, match="mesh.rules.embed names mesh axis 'model'"):
         axis_rules(cfg, make_mesh(cfg))
+
+
+# Rows split over data only (replicated over tensor), and over data x fsdp.
+@pytest.mark.parametrize("axes, batch_rule", [({"data": 4, "fsdp": 1, "tensor": 2}, ("data",)),
+                                              ({"data": 2, "fsdp": 4, "tensor": 1}, ("data", "fsdp"))])
+def test_summed_over_batch_shards_sums_each_row_once(axes, batch_rule):
+    cfg = MeshConfig(axes=axes, rules={"batch": batch_rule})
+    batch = batch_sharding(make_mesh(cfg), axis_rules(cfg, make_mesh(cfg)))
+    rows_BxD = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
+    scale = np.float32(2.0)
+    summed = jax.jit(summed_over_batch_shards(
+        lambda s, rows: {"sum_D": s * rows.sum(0), "count": rows.shape[0] * s}, batch))
+    out = summed(scale, jax.device_put(rows_BxD, batch))
+    np.testing.assert_array_equal(out["sum_D"], 2 * rows_BxD.sum(0))
+    assert out["count"] == 64
+
+
+def test_summed_over_batch_shards_reduces_one_flat_buffer():
+    cfg = MeshConfig()
+    batch = batch_sharding(make_mesh(cfg), axis_rules(cfg, make_mesh(cfg)))
+    fn = summed_over_batch_shards(lambda w, rows: ({"a": rows @ w, "b": rows.sum()}, rows.max()),
+                                  batch)
+    rows = jax.device_put(np.ones((16, 4), np.float32), batch)
+    hlo = jax.jit(fn).lower(np.ones(4, np.float32), rows).compile().as_text()
+    all_reduces = [line for line in hlo.splitlines() if " all-reduce(" in line]
+    assert len(all_reduces) == 1 and "all-reduce(%" in all_reduces[0]
+    assert all_reduces[0].split("=")[1].strip().startswith("f32[")  # one buffer, not a tuple
 
 
 # ---------------------------------------------------------------- the step on every mesh shape

@@ -2,6 +2,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 
 from jaxlm.data import open_split, train_pipeline
 from jaxlm.objectives import clm_example
@@ -32,6 +33,21 @@ def test_step_on_eight_devices_matches_one_device(tiny_cfg):
     np.testing.assert_allclose(loss_8, loss_1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_8)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("axes, dropout, expected", [
+    ((8, 1, 1), 0.0, True),  # data parallel: gradients summed per device, one all-reduce
+    ((1, 1, 1), 0.0, False),  # one device: nothing to reduce
+    ((1, 8, 1), 0.0, False),  # sharded params: XLA partitions the step
+    ((2, 2, 2), 0.0, False),
+    ((8, 1, 1), 0.1, False),  # dropout: XLA draws the masks for the global batch
+])
+def test_data_parallel_cpu_steps_sum_gradients_per_device(tiny_cfg, axes, dropout, expected):
+    mesh = dataclasses.replace(tiny_cfg.mesh, axes=dict(zip(("data", "fsdp", "tensor"), axes)))
+    cfg = dataclasses.replace(tiny_cfg, mesh=mesh,
+                              model=dataclasses.replace(tiny_cfg.model, dropout=dropout))
+    setup = make_setup(resolve(cfg, ByteTokenizer()), jax.devices()[:np.prod(axes)])
+    assert setup.sums_per_device is expected
 
 
 def test_params_and_optimizer_state_follow_the_rules(tiny_cfg):
