@@ -92,13 +92,24 @@ def forward(model: Transformer, batch: dict[str, Array], objective: str,
                  dropout_key)
 
 
+def nsp_loss_scale(batch: dict[str, Array], cfg: Config) -> Array | None:
+    """With NSP, the next-sentence loss's factor in the step's objective: masked tokens per scored
+    pair of the *whole* batch, so that after the step divides by the MLM weight it is the mean over
+    pairs (BERT's sum of the two means), whatever microbatches or devices the rows are summed on."""
+    if not (cfg.objective == "mlm" and cfg.data.nsp):
+        return None
+    pairs = jax.numpy.maximum(jax.numpy.sum(batch["nsp_weights"]), 1.0)
+    return jax.numpy.sum(batch["weights"]) / pairs
+
+
 def objective_sums(model: Transformer, batch: dict[str, Array], cfg: Config,
-                   dropout_key: Array | None = None) -> tuple[Array, dict[str, Array], Array]:
+                   dropout_key: Array | None = None,
+                   nsp_scale: Array | None = None) -> tuple[Array, dict[str, Array], Array]:
     """(what the step minimizes, summed over examples; the weighted sums; the logits).
 
     Every objective but NSP minimizes its one weighted cross-entropy. With NSP the pooled `[cls]`
-    adds the next-sentence loss, scaled so that after the step divides by the MLM weight it is
-    the mean over pairs (BERT's sum of the two means)."""
+    adds the next-sentence loss times `nsp_scale` (`nsp_loss_scale` of the step's batch; by
+    default, of these rows)."""
     if not (cfg.objective == "mlm" and cfg.data.nsp):
         logits_BxLxV = forward(model, batch, cfg.objective, dropout_key)
         sums = weighted_sums(logits_BxLxV, batch)
@@ -113,5 +124,6 @@ def objective_sums(model: Transformer, batch: dict[str, Array], cfg: Config,
     nsp = weighted_sums(nsp_logits_BxLx2, {"targets": batch["nsp_targets"],
                                            "weights": batch["nsp_weights"]})
     sums.update({f"nsp_{k}": v for k, v in nsp.items()})
-    scale = jax.lax.stop_gradient(sums["weight_sum"] / jax.numpy.maximum(nsp["weight_sum"], 1.0))
-    return sums["loss_sum"] + scale * nsp["loss_sum"], sums, logits_BxLxV
+    if nsp_scale is None:
+        nsp_scale = nsp_loss_scale(batch, cfg)
+    return sums["loss_sum"] + nsp_scale * nsp["loss_sum"], sums, logits_BxLxV

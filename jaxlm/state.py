@@ -17,7 +17,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxlm import sharding
 from jaxlm.config import Config
-from jaxlm.heads import build_model, objective_sums
+from jaxlm.errors import UserError
+from jaxlm.heads import build_model, nsp_loss_scale, objective_sums
 from jaxlm.model import Transformer
 from jaxlm.objectives import is_causal, mean_loss
 from jaxlm.optim import make_optimizer, schedule
@@ -87,6 +88,19 @@ def _sums_per_device(cfg: Config, mesh: Mesh, param_shardings: State) -> bool:
             and all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings)))
 
 
+def check_batch_size(cfg: Config, setup: Setup) -> None:
+    """A clear error where the batch does not split into whole rows per device and microbatch."""
+    shards, processes = sharding.batch_shards(setup.batch_sharding), jax.process_count()
+    accum = cfg.train.grad_accum_steps
+    if cfg.train.batch_size % (shards * accum) or cfg.train.batch_size % processes:
+        raise UserError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by the {shards} batch "
+            f"shards of the mesh times train.grad_accum_steps ({accum}) and by the {processes} "
+            "processes; change the batch size, train.grad_accum_steps or the mesh (mesh.axes, "
+            "mesh.cpu_devices)"
+        )
+
+
 def init_state(setup: Setup) -> State:
     """Fresh params and optimizer state, created directly in their shards."""
 
@@ -104,7 +118,8 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
     inside this one step; gradients of the summed loss add up and are divided by the total weight
     once, so the update equals the single-big-batch one. A non-finite loss or gradient is flagged
     in the metrics; with `train.on_nonfinite: skip` its update is discarded here, on the device,
-    so no host round-trip is needed.
+    so no host round-trip is needed. Where `Setup.sums_per_device`, each device sums the
+    gradients of its own rows and one all-reduce of a flat buffer adds them up.
     """
     lr = schedule(setup.cfg.optimizer, setup.cfg.train.steps)
     skip_nonfinite = setup.cfg.train.on_nonfinite == "skip"
@@ -122,14 +137,16 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
         dropout_key = None
         if setup.cfg.model.dropout > 0:  # keyed by (seed, step): a resumed run drops the same
             dropout_key = jax.random.fold_in(jax.random.key(setup.cfg.seed), optimizer.step[...])
+        nsp_scale = nsp_loss_scale(batch, setup.cfg)
         if setup.sums_per_device:
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
             grads, sums = sharding.summed_over_batch_shards(
-                lambda params, rows: _summed_grads(nnx.merge(graphdef, params, rest), rows, accum,
-                                                   setup.cfg),
-                setup.batch_sharding)(params, batch)
+                lambda replicated, rows: _summed_grads(
+                    nnx.merge(graphdef, replicated[0], rest), rows, accum, setup.cfg,
+                    nsp_scale=replicated[1]),
+                setup.batch_sharding)((params, nsp_scale), batch)
         else:
-            grads, sums = _summed_grads(model, batch, accum, setup.cfg, dropout_key)
+            grads, sums = _summed_grads(model, batch, accum, setup.cfg, dropout_key, nsp_scale)
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(mean_loss(sums)) & jnp.isfinite(grad_norm)
@@ -150,13 +167,15 @@ def make_train_step(setup: Setup) -> Callable[[State, Batch], tuple[State, dict[
 
 
 def _summed_grads(model: Transformer, batch: Batch, accum: int, cfg: Config,
-                  dropout_key: jax.Array | None = None) -> tuple[nnx.State, dict]:
+                  dropout_key: jax.Array | None = None,
+                  nsp_scale: jax.Array | None = None) -> tuple[nnx.State, dict]:
     """Gradients of the *summed* weighted loss and the weighted sums, over `accum` microbatches
     (microbatch i drops with `dropout_key` folded with i)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_sum(params: nnx.State, micro: Batch, key: jax.Array | None) -> tuple[jax.Array, dict]:
-        objective, sums, _ = objective_sums(nnx.merge(graphdef, params, rest), micro, cfg, key)
+        objective, sums, _ = objective_sums(nnx.merge(graphdef, params, rest), micro, cfg, key,
+                                            nsp_scale)
         return objective, sums
 
     grad_fn = jax.grad(loss_sum, has_aux=True)

@@ -1,10 +1,12 @@
 """Next-sentence prediction: pair layout, a fair coin keyed like the MLM masks, and a run whose
-NSP loss and accuracy are logged and that resumes bitwise."""
+NSP loss and accuracy are logged, that resumes bitwise and whose step does not depend on how
+its rows are split over devices or microbatches."""
 
 import dataclasses
 
 import jax
 import numpy as np
+import pytest
 
 from jaxlm.config import DataConfig
 from jaxlm.data import open_split
@@ -12,6 +14,7 @@ from jaxlm.dryrun import dry_run
 from jaxlm.metrics import read_metrics
 from jaxlm.nsp import nsp_example_fn, pair_row
 from jaxlm.run import load_run, resolve
+from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import ByteTokenizer
 from jaxlm.train import train
 
@@ -83,3 +86,38 @@ def test_dry_run_compiles_the_nsp_step(tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, objective="mlm", data=dataclasses.replace(tiny_cfg.data, nsp=True))
     report = dry_run(resolve(cfg, TOK))
     assert report["params"] > 0 and report["batch_bytes_per_device"] > 0
+
+
+def _nsp_batch(rows=16, length=32):
+    """Random pairs whose MLM and NSP weights differ per row: every slice of the rows has its own
+    masked-tokens-per-pair ratio, which a per-slice NSP scale would pick up."""
+    rng = np.random.default_rng(0)
+    nsp_weights = np.zeros((rows, length), np.float32)
+    nsp_weights[:, 0] = rng.random(rows) < 0.6
+    return {"inputs": rng.integers(7, 256, (rows, length), dtype=np.int32),
+            "targets": rng.integers(7, 256, (rows, length), dtype=np.int32),
+            "weights": (rng.random((rows, length)) < rng.uniform(0.05, 0.5, (rows, 1))).astype(
+                np.float32),
+            "segment_ids": np.ones((rows, length), np.int32),
+            "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+            "token_types": np.tile((np.arange(length) >= length // 2).astype(np.int32), (rows, 1)),
+            "nsp_targets": rng.integers(0, 2, (rows, length), dtype=np.int32),
+            "nsp_weights": nsp_weights}
+
+
+def _nsp_step_metrics(tiny_cfg, devices, accum):
+    cfg = dataclasses.replace(
+        tiny_cfg, objective="mlm", data=dataclasses.replace(tiny_cfg.data, nsp=True),
+        train=dataclasses.replace(tiny_cfg.train, batch_size=16, grad_accum_steps=accum))
+    setup = make_setup(resolve(cfg, TOK), jax.devices()[:devices])
+    batch = jax.device_put(_nsp_batch(), setup.batch_sharding)
+    _, metrics = make_train_step(setup)(init_state(setup), batch)
+    return jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("devices, accum", [(8, 1), (1, 4), (2, 4)])
+def test_nsp_step_is_the_same_on_any_split_of_its_rows(tiny_cfg, devices, accum):
+    one = _nsp_step_metrics(tiny_cfg, 1, 1)
+    split = _nsp_step_metrics(tiny_cfg, devices, accum)
+    for key in ("loss_sum", "nsp_loss_sum", "grad_norm"):
+        np.testing.assert_allclose(split[key], one[key], rtol=1e-5)
