@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxlm.config import Config
 from jaxlm.data import config_empty_batch
-from jaxlm.state import Setup, make_setup, make_train_step
+from jaxlm.state import Setup, check_batch_size, make_setup, make_train_step
 
 
 def _per_device_bytes(tree: Any) -> int:
@@ -40,6 +40,7 @@ def dry_run(cfg: Config, devices: list[jax.Device] | None = None,
     the compile-only devices of a TPU topology); prints and returns the report, with whether the
     step fits in `hbm_bytes` per device (default: the first device's memory limit, if it has one)."""
     setup = make_setup(cfg, devices)
+    check_batch_size(cfg, setup)
     shapes_only = config_empty_batch(cfg, cfg.train.batch_size, 0)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
                       for k, v in shapes_only.items()}

@@ -16,7 +16,7 @@ from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, target_length
 from jaxlm.data import (dataset_manifest, device_prefetch, label_names, open_split,
                         stream_cache_key, train_pipeline)
-from jaxlm.errors import TrainingStopped, UserError
+from jaxlm.errors import TrainingStopped
 from jaxlm.evaluate import Evaluator
 from jaxlm.flops import flops_per_token, mfu, peak_flops
 from jaxlm.metrics import MetricsLog
@@ -24,20 +24,8 @@ from jaxlm.objectives import example_fn, record_encoder, row_length
 from jaxlm.preemption import StopRequest
 from jaxlm.resume import initial_state
 from jaxlm.run import RunDir, RunLock, open_run, run_path, warn
-from jaxlm.sharding import batch_shards, global_batch
-from jaxlm.state import Setup, make_train_step
-
-
-def check_batch_size(cfg: Config, setup: Setup) -> None:
-    shards, processes = batch_shards(setup.batch_sharding), jax.process_count()
-    accum = cfg.train.grad_accum_steps
-    if cfg.train.batch_size % (shards * accum) or cfg.train.batch_size % processes:
-        raise UserError(
-            f"train.batch_size ({cfg.train.batch_size}) must be divisible by the {shards} batch "
-            f"shards of the mesh times train.grad_accum_steps ({accum}) and by the {processes} "
-            "processes; change the batch size, train.grad_accum_steps or the mesh (mesh.axes, "
-            "mesh.cpu_devices)"
-        )
+from jaxlm.sharding import global_batch
+from jaxlm.state import check_batch_size, make_train_step
 
 
 def train(

@@ -1,7 +1,10 @@
 import dataclasses
 
+import pytest
+
 from jaxlm.config import MeshConfig
 from jaxlm.dryrun import dry_run
+from jaxlm.errors import UserError
 from jaxlm.tokenizer import ByteTokenizer
 from jaxlm.run import resolve
 
@@ -34,3 +37,12 @@ def test_dry_run_of_a_gqa_bert_style_model_on_fsdp_and_tensor(tiny_cfg, capsys):
     out = capsys.readouterr().out
     assert "blocks.attn.k.bias" in out and "type_embed.embedding" in out
     assert report["compiled_temp_bytes"] > 0
+
+
+def test_dry_run_refuses_microbatches_that_do_not_split_into_whole_rows(tiny_cfg):
+    # 8 rows on 8 devices are one row per device, which does not split into 2 microbatches.
+    cfg = dataclasses.replace(tiny_cfg, mesh=MeshConfig(axes={"data": 8, "fsdp": 1, "tensor": 1}),
+                              train=dataclasses.replace(tiny_cfg.train, batch_size=8,
+                                                        grad_accum_steps=2))
+    with pytest.raises(UserError, match="train.grad_accum_steps \\(2\\)"):
+        dry_run(resolve(cfg, ByteTokenizer()))
