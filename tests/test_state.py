@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxlm.data import open_split, train_pipeline
-from jaxlm.objectives import clm_example
+from jaxlm.objectives import example_fn, row_length
 from jaxlm.sharding import global_batch
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import ByteTokenizer
@@ -13,24 +13,36 @@ from jaxlm.run import resolve
 
 
 def _setup_and_batches(cfg, devices=None, n=1):
+    """The step's setup and `n` batches of the objective's own pipeline, as `train` makes them."""
     cfg = resolve(cfg, ByteTokenizer())
     setup = make_setup(cfg, devices)
     source = open_split(cfg.data, "train")
-    it = iter(train_pipeline(source, ByteTokenizer(), clm_example, seq_len=cfg.data.seq_len,
-                             global_batch=cfg.train.batch_size, seed=0))
+    it = iter(train_pipeline(source, ByteTokenizer(), example_fn(cfg, ByteTokenizer(), source),
+                             seq_len=row_length(cfg), global_batch=cfg.train.batch_size, seed=0))
     return setup, [global_batch(next(it), setup.batch_sharding) for _ in range(n)]
 
 
-def test_step_on_eight_devices_matches_one_device(tiny_cfg):
+@pytest.mark.parametrize("objective, overrides", [
+    ("clm", {}),
+    ("mlm", {}),
+    ("mlm", {"nsp": True}),
+    ("span_corruption", {}),
+])
+def test_step_on_eight_devices_matches_one_device(tiny_cfg, objective, overrides):
+    """Eight devices sum their own rows' gradients (Setup.sums_per_device); one device sums all
+    rows: the same step, whatever the objective."""
+    cfg = dataclasses.replace(tiny_cfg, objective=objective,
+                              data=dataclasses.replace(tiny_cfg.data, **overrides))
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        setup, (batch,) = _setup_and_batches(tiny_cfg, devices)
-        assert setup.mesh.size == len(devices)
+        setup, (batch,) = _setup_and_batches(cfg, devices)
+        assert setup.mesh.size == len(devices) and setup.sums_per_device is (len(devices) > 1)
         assert len(batch["inputs"].sharding.device_set) == len(devices)
         state, metrics = make_train_step(setup)(init_state(setup), batch)
-        results.append(jax.device_get((state["params"], metrics["loss_sum"])))
-    (params_1, loss_1), (params_8, loss_8) = results
-    np.testing.assert_allclose(loss_8, loss_1, rtol=1e-6)
+        results.append(jax.device_get((state["params"], metrics)))
+    (params_1, metrics_1), (params_8, metrics_8) = results
+    for key in ("loss_sum", "weight_sum", "grad_norm"):
+        np.testing.assert_allclose(metrics_8[key], metrics_1[key], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_8)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
