@@ -1,4 +1,5 @@
-"""Attention kernels behind one function: XLA reference, cuDNN flash (GPU), Pallas splash (TPU).
+"""Attention kernels behind one function: XLA reference (in query blocks for causal attention on
+a CPU: blocked_attention.py), cuDNN flash (GPU), Pallas splash (TPU).
 
 `model.attention` names the kernel; it is resolved when the step is traced. A request that this
 backend, dtype or shape cannot serve falls back to the XLA reference with one warning per process,
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from jaxlm.blocked_attention import MIN_BLOCK, blocked_attention
 from jaxlm.sharding import shard_map_by_logical
 
 Array = jax.Array
@@ -64,8 +66,10 @@ def dot_product_attention(
             unsupported = f"was refused: {err}"
     if unsupported:
         _warn_once(implementation, unsupported)
-    return reference_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
-                               attention_mask(segment_ids_BxL, causal))
+    mask_Bx1xLxL = attention_mask(segment_ids_BxL, causal)
+    if causal and jax.default_backend() == "cpu" and q_BxLxHxK.shape[1] > MIN_BLOCK:
+        return blocked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL, causal)
+    return reference_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)
 
 
 def reference_attention(q_BxLxHxK: Array, k_BxMxGxK: Array, v_BxMxGxK: Array,
