@@ -63,7 +63,8 @@ def _sequence_first(x_BxGxRxLxK: Array) -> Array:
 
 def _scores(q_BxGxRxCxK: Array, k_BxGxMxK: Array, mask_Bx1xCxM: Array) -> Array:
     scores_BxGxRxCxM = jnp.einsum("BGRCK,BGMK->BGRCM", q_BxGxRxCxK, k_BxGxMxK,
-                                  preferred_element_type=jnp.float32) / np.sqrt(q_BxGxRxCxK.shape[-1])
+                                  preferred_element_type=jnp.float32)
+    scores_BxGxRxCxM = scores_BxGxRxCxM / np.sqrt(q_BxGxRxCxK.shape[-1])
     return jnp.where(mask_Bx1xCxM[:, :, None], scores_BxGxRxCxM, MASKED)
 
 
