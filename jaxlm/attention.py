@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from jaxlm.blocked_attention import MIN_BLOCK, blocked_attention
-from jaxlm.sharding import shard_map_by_logical
+from jaxlm.sharding import compute_device, shard_map_by_logical
 
 Array = jax.Array
 # Splash is mapped over batch rows and heads; its shard_map splits them like the activations.
@@ -66,10 +66,10 @@ def dot_product_attention(
             unsupported = f"was refused: {err}"
     if unsupported:
         _warn_once(implementation, unsupported)
-    mask_Bx1xLxL = attention_mask(segment_ids_BxL, causal)
-    if causal and jax.default_backend() == "cpu" and q_BxLxHxK.shape[1] > MIN_BLOCK:
-        return blocked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL, causal)
-    return reference_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1xLxL)
+    if causal and compute_device().platform == "cpu" and q_BxLxHxK.shape[1] > MIN_BLOCK:
+        return blocked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, causal)
+    return reference_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK,
+                               attention_mask(segment_ids_BxL, causal))
 
 
 def reference_attention(q_BxLxHxK: Array, k_BxMxGxK: Array, v_BxMxGxK: Array,
@@ -103,13 +103,15 @@ def cross_attention_mask(q_segment_ids_BxL: Array, kv_segment_ids_BxM: Array) ->
 
 
 def _unsupported(implementation: str, q_BxLxHxK: Array) -> str:
-    """Why `implementation` cannot run on this backend for these inputs ('' if it can)."""
+    """Why `implementation` cannot run on the devices traced for with these inputs ('' if it
+    can)."""
     _, length, _, head_dim = q_BxLxHxK.shape
-    backend = jax.default_backend()
+    device = compute_device()
+    backend = device.platform
     if implementation == "cudnn":
         if backend != "gpu":
             return f"needs a GPU, the backend is {backend}"
-        capability = getattr(jax.devices()[0], "compute_capability", "0")
+        capability = getattr(device, "compute_capability", "0")
         if float(capability) < 8.0:
             return f"needs compute capability >= 8.0, the GPU has {capability}"
         if q_BxLxHxK.dtype not in (jnp.bfloat16, jnp.float16):

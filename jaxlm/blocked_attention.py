@@ -5,8 +5,9 @@ probabilities whole, and autodiff keeps the probabilities for the backward pass;
 passes over memory, not the dots, take most of attention's time. Here each block of queries is
 scored against the keys it can see (with `causal`, those up to the block's end: the blocks above
 the diagonal are never computed), only the output and each row's log-sum-exp are kept, and the
-backward recomputes each block's probabilities (as flash attention does). Same mask rule and the
-same fp32 softmax as the reference, so values and gradients agree with it to rounding.
+backward recomputes each block's probabilities (as flash attention does). Same mask rule as
+attention.attention_mask, built per block from the segment ids, and the same fp32 softmax as the
+reference, so values and gradients agree with it to rounding.
 
 Shape legend: B batch, L sequence, M keys, G kv heads, R query heads per kv head, K head dim,
 C queries in a block.
@@ -25,20 +26,20 @@ Array = jax.Array
 # fwd + bwd, fp32, causal, 8 heads of 64: L 256, 64 rows 1.33x the reference (128: 1.05x); L 1024,
 # 128 rows 2.7x (64: 2.5x, 256: 2.4x).
 MIN_BLOCK, MAX_BLOCKS = 64, 8
-MASKED = -1e30  # the reference's score for a masked key: a row with none visible is uniform
+MASKED = -1e30  # the reference's score for a masked key; every query sees at least itself
 
 
 def blocked_attention(q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Array,
-                      mask_Bx1xLxL: Array, causal: bool) -> Array:
-    """Softmax attention of each query over the keys `mask` allows (`causal`: the mask is causal
-    too, so later keys' blocks are skipped)."""
-    return _attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, causal)
+                      segment_ids_BxL: Array, causal: bool) -> Array:
+    """Softmax attention of each query over the keys of its own packed document (padding, 0,
+    sees padding), and with `causal` only over earlier ones: later keys' blocks are skipped."""
+    return _attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Array, mask_Bx1xLxL: Array,
+def _attention(q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Array, segment_ids_BxL: Array,
                causal: bool) -> Array:
-    return _forward(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, causal)[0]
+    return _forward(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal)[0]
 
 
 def _blocks(length: int, causal: bool) -> list[tuple[int, int, int]]:
@@ -61,6 +62,15 @@ def _sequence_first(x_BxGxRxLxK: Array) -> Array:
     return x_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(rows, length, kv_heads * group, dim)
 
 
+def _block_mask(segment_ids_BxL: Array, start: int, end: int, seen: int,
+                causal: bool) -> Array:
+    """Bx1xCxM: which of the first `seen` keys each query of the block may see."""
+    mask_BxCxM = segment_ids_BxL[:, start:end, None] == segment_ids_BxL[:, None, :seen]
+    if causal:
+        mask_BxCxM &= np.arange(start, end)[:, None] >= np.arange(seen)
+    return mask_BxCxM[:, None]
+
+
 def _scores(q_BxGxRxCxK: Array, k_BxGxMxK: Array, mask_Bx1xCxM: Array) -> Array:
     scores_BxGxRxCxM = jnp.einsum("BGRCK,BGMK->BGRCM", q_BxGxRxCxK, k_BxGxMxK,
                                   preferred_element_type=jnp.float32)
@@ -68,13 +78,13 @@ def _scores(q_BxGxRxCxK: Array, k_BxGxMxK: Array, mask_Bx1xCxM: Array) -> Array:
     return jnp.where(mask_Bx1xCxM[:, :, None], scores_BxGxRxCxM, MASKED)
 
 
-def _forward(q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Array, mask_Bx1xLxL: Array,
+def _forward(q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Array, segment_ids_BxL: Array,
              causal: bool) -> tuple[Array, tuple]:
     q_BxGxRxLxK, k_BxGxLxK, v_BxGxLxK = _heads_first(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
     outs, logsumexps = [], []
     for start, end, seen in _blocks(q_BxLxHxK.shape[1], causal):
         scores_BxGxRxCxM = _scores(q_BxGxRxLxK[:, :, :, start:end], k_BxGxLxK[:, :, :seen],
-                                   mask_Bx1xLxL[:, :, start:end, :seen])
+                                   _block_mask(segment_ids_BxL, start, end, seen, causal))
         max_BxGxRxCx1 = jnp.max(scores_BxGxRxCxM, axis=-1, keepdims=True)
         exp_BxGxRxCxM = jnp.exp(scores_BxGxRxCxM - max_BxGxRxCx1)
         sum_BxGxRxCx1 = jnp.sum(exp_BxGxRxCxM, axis=-1, keepdims=True)
@@ -82,13 +92,13 @@ def _forward(q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Array, mask_Bx1xLxL:
         outs.append(jnp.einsum("BGRCM,BGMK->BGRCK", probs_BxGxRxCxM, v_BxGxLxK[:, :, :seen]))
         logsumexps.append(max_BxGxRxCx1 + jnp.log(sum_BxGxRxCx1))
     out_BxGxRxLxK = jnp.concatenate(outs, axis=3)
-    residuals = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, out_BxGxRxLxK,
+    residuals = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, out_BxGxRxLxK,
                  jnp.concatenate(logsumexps, axis=3))
     return _sequence_first(out_BxGxRxLxK), residuals
 
 
 def _backward(causal: bool, residuals: tuple, grad_BxLxHxK: Array) -> tuple:
-    q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, out_BxGxRxLxK, logsumexp_BxGxRxLx1 = residuals
+    q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, out_BxGxRxLxK, logsumexp_BxGxRxLx1 = residuals
     q_BxGxRxLxK, k_BxGxLxK, v_BxGxLxK = _heads_first(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
     grad_BxGxRxLxK = _heads_first(grad_BxLxHxK, k_BxLxGxK, v_BxLxGxK)[0]
     # Each query's sum of dO * O: the softmax backward's row term.
@@ -100,7 +110,8 @@ def _backward(causal: bool, residuals: tuple, grad_BxLxHxK: Array) -> tuple:
     for start, end, seen in _blocks(q_BxLxHxK.shape[1], causal):
         q_BxGxRxCxK, grad_BxGxRxCxK = (x[:, :, :, start:end] for x in (q_BxGxRxLxK, grad_BxGxRxLxK))
         k_BxGxMxK, v_BxGxMxK = k_BxGxLxK[:, :, :seen], v_BxGxLxK[:, :, :seen]
-        scores_BxGxRxCxM = _scores(q_BxGxRxCxK, k_BxGxMxK, mask_Bx1xLxL[:, :, start:end, :seen])
+        mask_Bx1xCxM = _block_mask(segment_ids_BxL, start, end, seen, causal)
+        scores_BxGxRxCxM = _scores(q_BxGxRxCxK, k_BxGxMxK, mask_Bx1xCxM)
         probs_BxGxRxCxM = jnp.exp(scores_BxGxRxCxM - logsumexp_BxGxRxLx1[:, :, :, start:end])
         grad_v_BxGxLxK = grad_v_BxGxLxK.at[:, :, :seen].add(jnp.einsum(
             "BGRCM,BGRCK->BGMK", probs_BxGxRxCxM.astype(v_BxLxGxK.dtype), grad_BxGxRxCxK,

@@ -214,6 +214,13 @@ def activation_sharding(mesh: Mesh, rules: tuple) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def compute_device() -> jax.Device:
+    """A device of the mesh being traced for: within `activation_sharding` its mesh's (a dry run
+    compiles for a TPU slice on a CPU host), else jax's default."""
+    active = _ACTIVE.get()
+    return active[0].devices.flat[0] if active is not None else jax.devices()[0]
+
+
 def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
     """Sharding constraint by logical axis names (no-op outside `activation_sharding`)."""
     active = _ACTIVE.get()

@@ -27,6 +27,12 @@ import pytest  # noqa: E402
 
 from jaxlm.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: E402
 from jaxlm.config import CheckpointConfig  # noqa: E402
+from jaxlm.data import open_split, train_pipeline  # noqa: E402
+from jaxlm.objectives import example_fn, row_length  # noqa: E402
+from jaxlm.run import resolve  # noqa: E402
+from jaxlm.sharding import global_batch  # noqa: E402
+from jaxlm.state import make_setup  # noqa: E402
+from jaxlm.tokenizer import ByteTokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = "def class return self import from for while if else yield lambda None True".split()
@@ -85,6 +91,25 @@ def tiny_config(corpus: Path, cache_dir: Path, run_dir: Path, **train) -> Config
         ),
         checkpoint=CheckpointConfig(every=3, keep=5),
     )
+
+
+def setup_and_batches(cfg, devices=None, n=1):
+    """The step's setup and `n` batches of the objective's own pipeline, as `train` makes them."""
+    cfg = resolve(cfg, ByteTokenizer())
+    setup = make_setup(cfg, devices)
+    source = open_split(cfg.data, "train")
+    it = iter(train_pipeline(source, ByteTokenizer(), example_fn(cfg, ByteTokenizer(), source),
+                             seq_len=row_length(cfg), global_batch=cfg.train.batch_size, seed=0))
+    return setup, [global_batch(next(it), setup.batch_sharding) for _ in range(n)]
+
+
+def step_moves_params_by_gradients(cfg: Config) -> Config:
+    """Adam with eps 1, full learning rate from step 0, no clipping or decay: the first step
+    moves each param by about minus its gradient (|g| << 1), so params after it compare the
+    gradients (the default warmup starts at learning rate 0, so nothing would move)."""
+    optimizer = dataclasses.replace(cfg.optimizer, learning_rate=1.0, warmup_steps=0, eps=1.0,
+                                    weight_decay=0.0, grad_clip=0.0)
+    return dataclasses.replace(cfg, optimizer=optimizer)
 
 
 @pytest.fixture

@@ -4,22 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm.data import open_split, train_pipeline
-from jaxlm.objectives import example_fn, row_length
-from jaxlm.sharding import global_batch
+from conftest import setup_and_batches, step_moves_params_by_gradients
+
+from jaxlm.run import resolve
 from jaxlm.state import init_state, make_setup, make_train_step
 from jaxlm.tokenizer import ByteTokenizer
-from jaxlm.run import resolve
-
-
-def _setup_and_batches(cfg, devices=None, n=1):
-    """The step's setup and `n` batches of the objective's own pipeline, as `train` makes them."""
-    cfg = resolve(cfg, ByteTokenizer())
-    setup = make_setup(cfg, devices)
-    source = open_split(cfg.data, "train")
-    it = iter(train_pipeline(source, ByteTokenizer(), example_fn(cfg, ByteTokenizer(), source),
-                             seq_len=row_length(cfg), global_batch=cfg.train.batch_size, seed=0))
-    return setup, [global_batch(next(it), setup.batch_sharding) for _ in range(n)]
 
 
 @pytest.mark.parametrize("objective, overrides", [
@@ -31,11 +20,11 @@ def _setup_and_batches(cfg, devices=None, n=1):
 def test_step_on_eight_devices_matches_one_device(tiny_cfg, objective, overrides):
     """Eight devices sum their own rows' gradients (Setup.sums_per_device); one device sums all
     rows: the same step, whatever the objective."""
-    cfg = dataclasses.replace(tiny_cfg, objective=objective,
-                              data=dataclasses.replace(tiny_cfg.data, **overrides))
+    cfg = step_moves_params_by_gradients(dataclasses.replace(
+        tiny_cfg, objective=objective, data=dataclasses.replace(tiny_cfg.data, **overrides)))
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        setup, (batch,) = _setup_and_batches(cfg, devices)
+        setup, (batch,) = setup_and_batches(cfg, devices)
         assert setup.mesh.size == len(devices) and setup.sums_per_device is (len(devices) > 1)
         assert len(batch["inputs"].sharding.device_set) == len(devices)
         state, metrics = make_train_step(setup)(init_state(setup), batch)
@@ -66,7 +55,7 @@ def test_params_and_optimizer_state_follow_the_rules(tiny_cfg):
     cfg = dataclasses.replace(
         tiny_cfg, mesh=dataclasses.replace(tiny_cfg.mesh, axes={"data": 2, "fsdp": 2, "tensor": 2})
     )
-    setup, _ = _setup_and_batches(cfg)
+    setup, _ = setup_and_batches(cfg)
     state = init_state(setup)
     q = state["params"]["blocks"]["attn"]["q"]["kernel"][...]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
@@ -80,7 +69,7 @@ def test_no_recompilation_after_the_first_step(tiny_cfg):
         lambda event, duration, **_: compiles.append(event)
         if event == "/jax/core/compile/backend_compile_duration" else None
     )
-    setup, batches = _setup_and_batches(tiny_cfg, n=4)
+    setup, batches = setup_and_batches(tiny_cfg, n=4)
     step = make_train_step(setup)
     state = init_state(setup)
     state, metrics = step(state, batches[0])
