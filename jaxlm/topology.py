@@ -92,13 +92,23 @@ def describe(name: str) -> Topology:
 
     try:
         devices = topologies.get_topology_desc(libtpu_name, "tpu", **dict(generation.options)).devices
-    except RuntimeError as err:
-        if "TPU support not installed" not in str(err):
+    except RuntimeError as err:  # jax's JaxRuntimeError (libtpu's own errors) included
+        reason = _why_no_topology(err, name, libtpu_name)
+        if reason is None:
             raise
-        raise UserError(
-            f"compiling for --topology {name} needs libtpu, which is not installed: {INSTALL} "
-            "(or pip install 'jax[tpu]'); it runs on a CPU-only machine too"
-        ) from None
-    except jax.errors.JaxRuntimeError as err:
-        raise UserError(f"libtpu has no topology {libtpu_name} ({str(err).splitlines()[0]})") from None
+        raise UserError(reason) from None
     return Topology(name, libtpu_name, generation.hbm_gib * 2**30, list(devices))
+
+
+def _why_no_topology(err: RuntimeError, name: str, libtpu_name: str) -> str | None:
+    """What to tell the user for a failure to describe the slice; None: not a known failure."""
+    message = str(err)
+    if "TPU support not installed" in message:
+        return (f"compiling for --topology {name} needs libtpu, which is not installed: {INSTALL} "
+                "(or pip install 'jax[tpu]'); it runs on a CPU-only machine too")
+    if "libtpu_lockfile" in message:
+        return ("libtpu is held by another process on this machine (its lock file "
+                "/tmp/libtpu_lockfile): run the dry run when that process has ended")
+    if isinstance(err, jax.errors.JaxRuntimeError):
+        return f"libtpu has no topology {libtpu_name} ({message.splitlines()[0]})"
+    return None

@@ -1,8 +1,11 @@
 """AOT compile of the real train step for TPU slices on this CPU-only machine, through libtpu's
 compile-only topology description (libtpu comes with the dev extra)."""
 
+import subprocess
+import sys
+
 import pytest
-from conftest import config_file, jaxlm_cli
+from conftest import REPO, _cli_env, config_file, jaxlm_cli
 
 from jaxlm.cli import main
 from jaxlm.errors import UserError
@@ -58,6 +61,30 @@ def test_without_libtpu_exit_2_says_what_to_install(tmp_path, corpus, cache_dir,
     assert capsys.readouterr().err.strip().splitlines() == [
         "jaxlm: error: compiling for --topology v5e-8 needs libtpu, which is not installed: "
         "pip install -e \".[tpu]\" (or pip install 'jax[tpu]'); it runs on a CPU-only machine too"]
+
+
+HOLD_LIBTPU = """
+from jaxlm.topology import describe
+describe("v5e-8")
+print("holding", flush=True)
+input()
+"""
+
+
+def test_a_dry_run_while_another_process_holds_libtpu_is_a_one_line_error(tmp_path, corpus,
+                                                                          cache_dir):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LIBTPU], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=_cli_env(), cwd=REPO)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        cfg = config_file(tmp_path, corpus, cache_dir)
+        proc = jaxlm_cli("train", "--dry-run", "--topology", "v5e-8", "--config", cfg)
+    finally:
+        holder.communicate("", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "jaxlm: error: libtpu is held by another process on this machine (its lock file "
+        "/tmp/libtpu_lockfile): run the dry run when that process has ended"]
 
 
 def test_topology_without_dry_run_is_refused(capsys):
