@@ -30,6 +30,10 @@ MAX_AUTO_CPU_DEVICES = 8
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
     "jaxlm_sharding", default=None
 )
+# A device of the mesh being traced for, kept inside per-device shard_maps too.
+_DEVICE: contextvars.ContextVar[jax.Device | None] = contextvars.ContextVar(
+    "jaxlm_device", default=None
+)
 
 
 def make_mesh(cfg: MeshConfig, devices: list[jax.Device] | None = None) -> Mesh:
@@ -181,11 +185,12 @@ def summed_over_batch_shards(fn: Callable, batch: NamedSharding) -> Callable:
     axes = _batch_axes(batch)
 
     def local(replicated: Any, rows: Any) -> Any:
-        token = _ACTIVE.set(None)
+        token, device = _ACTIVE.set(None), _DEVICE.set(batch.mesh.devices.flat[0])
         try:
             out = fn(replicated, rows)
         finally:
             _ACTIVE.reset(token)
+            _DEVICE.reset(device)
         flat, unravel = ravel_pytree(out)
         return unravel(jax.lax.psum(flat, axes))
 
@@ -207,18 +212,19 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) ->
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: tuple) -> Iterator[None]:
     """Within this block, `constrain` lays activations out on `mesh` by `rules`."""
-    token = _ACTIVE.set((mesh, rules))
+    token, device = _ACTIVE.set((mesh, rules)), _DEVICE.set(mesh.devices.flat[0])
     try:
         yield
     finally:
         _ACTIVE.reset(token)
+        _DEVICE.reset(device)
 
 
 def compute_device() -> jax.Device:
-    """A device of the mesh being traced for: within `activation_sharding` its mesh's (a dry run
-    compiles for a TPU slice on a CPU host), else jax's default."""
-    active = _ACTIVE.get()
-    return active[0].devices.flat[0] if active is not None else jax.devices()[0]
+    """A device of the mesh being traced for: within `activation_sharding` or
+    `summed_over_batch_shards` its mesh's (a dry run compiles for a TPU slice on a CPU host),
+    else jax's default."""
+    return _DEVICE.get() or jax.devices()[0]
 
 
 def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:

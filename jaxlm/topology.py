@@ -103,12 +103,14 @@ def describe(name: str) -> Topology:
 def _why_no_topology(err: RuntimeError, name: str, libtpu_name: str) -> str | None:
     """What to tell the user for a failure to describe the slice; None: not a known failure."""
     message = str(err)
+    first_line = message.partition("\n")[0]
     if "TPU support not installed" in message:
         return (f"compiling for --topology {name} needs libtpu, which is not installed: {INSTALL} "
                 "(or pip install 'jax[tpu]'); it runs on a CPU-only machine too")
     if "libtpu_lockfile" in message:
-        return ("libtpu is held by another process on this machine (its lock file "
-                "/tmp/libtpu_lockfile): run the dry run when that process has ended")
+        return (f"libtpu could not take its lock file ({first_line}): another process on this "
+                "machine may hold libtpu; run the dry run when it has ended, or remove the file "
+                "if none does")
     if isinstance(err, jax.errors.JaxRuntimeError):
-        return f"libtpu has no topology {libtpu_name} ({message.splitlines()[0]})"
+        return f"libtpu has no topology {libtpu_name} ({first_line})"
     return None

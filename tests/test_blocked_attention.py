@@ -137,7 +137,12 @@ def test_a_train_step_through_blocked_attention_matches_one_device_with_the_refe
         mesh=replace(tiny_cfg.mesh, axes=dict(zip(("data", "fsdp", "tensor"), axes))),
         train=replace(tiny_cfg.train, batch_size=16, remat=remat, grad_accum_steps=2))
     cfg = step_moves_params_by_gradients(cfg)
+    calls = []
+    blocked = attention.blocked_attention
+    monkeypatch.setattr(attention, "blocked_attention",
+                        lambda *args: calls.append(args) or blocked(*args))
     change, loss = _first_update(cfg, jax.devices())
+    assert calls  # the step traced the blocked kernel
     monkeypatch.setattr(attention, "MIN_BLOCK", 10**9)  # the reference kernel at any length
     one = replace(cfg, mesh=replace(cfg.mesh, axes={"data": 1, "fsdp": 1, "tensor": 1}),
                   train=replace(cfg.train, remat="none", grad_accum_steps=1))
