@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from jaxlm.blocked_attention import MIN_BLOCK, blocked_attention
+from jaxlm.blocked_attention import (MIN_BLOCK, blocked_attention, heads_first, kv_first,
+                                     masked_scores, sequence_first)
 from jaxlm.sharding import compute_device, shard_map_by_logical
 
 Array = jax.Array
@@ -81,20 +82,15 @@ def reference_attention(q_BxLxHxK: Array, k_BxMxGxK: Array, v_BxMxGxK: Array,
     L x K blocks, ~2x faster forward and ~1.3x forward + backward than jax.nn's sequence-first
     einsums (docs/benchmarks.md). Each of the G kv heads serves its R = H / G query heads
     without k and v being repeated."""
-    rows, length, heads, dim = q_BxLxHxK.shape
-    kv_heads = k_BxMxGxK.shape[2]
-    q_BxGxRxLxK = q_BxLxHxK.reshape(rows, length, kv_heads, heads // kv_heads, dim)
-    q_BxGxRxLxK = q_BxGxRxLxK.transpose(0, 2, 3, 1, 4)
-    k_BxGxMxK, v_BxGxMxK = (t.transpose(0, 2, 1, 3) for t in (k_BxMxGxK, v_BxMxGxK))
-    scores_BxGxRxLxM = jnp.einsum("BGRLK,BGMK->BGRLM", q_BxGxRxLxK, k_BxGxMxK,
-                                  preferred_element_type=jnp.float32) / np.sqrt(dim)
-    scores_BxGxRxLxM = jnp.where(mask_Bx1xLxM[:, :, None], scores_BxGxRxLxM, -1e30)
+    q_BxGxRxLxK = heads_first(q_BxLxHxK, k_BxMxGxK.shape[2])
+    k_BxGxMxK, v_BxGxMxK = kv_first(k_BxMxGxK, v_BxMxGxK)
+    scores_BxGxRxLxM = masked_scores(q_BxGxRxLxK, k_BxGxMxK, mask_Bx1xLxM)
     probs_BxGxRxLxM = jax.nn.softmax(scores_BxGxRxLxM, axis=-1)
     if drop is not None:
         probs_BxGxRxLxM = drop(probs_BxGxRxLxM)
     out_BxGxRxLxK = jnp.einsum("BGRLM,BGMK->BGRLK", probs_BxGxRxLxM.astype(v_BxMxGxK.dtype),
                                v_BxGxMxK)
-    return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(rows, length, heads, dim)
+    return sequence_first(out_BxGxRxLxK)
 
 
 def cross_attention_mask(q_segment_ids_BxL: Array, kv_segment_ids_BxM: Array) -> Array:

@@ -45,21 +45,27 @@ def _attention(q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Array, segment_ids
 def _blocks(length: int, causal: bool) -> list[tuple[int, int, int]]:
     """(first query, end of queries, end of the keys they can see) of each block."""
     size = max(MIN_BLOCK, -(-length // MAX_BLOCKS))
-    ends = {start: min(start + size, length) for start in range(0, length, size)}
-    return [(start, end, end if causal else length) for start, end in ends.items()]
+    ends = [(start, min(start + size, length)) for start in range(0, length, size)]
+    return [(start, end, end if causal else length) for start, end in ends]
 
 
-def _heads_first(q_BxLxHxK: Array, k_BxMxGxK: Array, v_BxMxGxK: Array) -> tuple:
-    rows, length, heads, dim = q_BxLxHxK.shape
-    kv_heads = k_BxMxGxK.shape[2]
-    q_BxGxRxLxK = q_BxLxHxK.reshape(rows, length, kv_heads, heads // kv_heads, dim)
-    return (q_BxGxRxLxK.transpose(0, 2, 3, 1, 4),
-            *(t.transpose(0, 2, 1, 3) for t in (k_BxMxGxK, v_BxMxGxK)))
+def heads_first(x_BxLxHxK: Array, kv_heads: int) -> Array:
+    """[B, G, R, L, K]: each of the G kv heads' R query heads (kv heads themselves: R = 1), with
+    contiguous L x K blocks for XLA:CPU's batched dots."""
+    rows, length, heads, dim = x_BxLxHxK.shape
+    x_BxLxGxRxK = x_BxLxHxK.reshape(rows, length, kv_heads, heads // kv_heads, dim)
+    return x_BxLxGxRxK.transpose(0, 2, 3, 1, 4)
 
 
-def _sequence_first(x_BxGxRxLxK: Array) -> Array:
+def sequence_first(x_BxGxRxLxK: Array) -> Array:
+    """The inverse of `heads_first`: [B, L, G * R, K]."""
     rows, kv_heads, group, length, dim = x_BxGxRxLxK.shape
     return x_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(rows, length, kv_heads * group, dim)
+
+
+def kv_first(k_BxMxGxK: Array, v_BxMxGxK: Array) -> tuple[Array, Array]:
+    """k and v as [B, G, M, K] (a swap of two axes: its own inverse)."""
+    return k_BxMxGxK.transpose(0, 2, 1, 3), v_BxMxGxK.transpose(0, 2, 1, 3)
 
 
 def _block_mask(segment_ids_BxL: Array, start: int, end: int, seen: int,
@@ -71,7 +77,8 @@ def _block_mask(segment_ids_BxL: Array, start: int, end: int, seen: int,
     return mask_BxCxM[:, None]
 
 
-def _scores(q_BxGxRxCxK: Array, k_BxGxMxK: Array, mask_Bx1xCxM: Array) -> Array:
+def masked_scores(q_BxGxRxCxK: Array, k_BxGxMxK: Array, mask_Bx1xCxM: Array) -> Array:
+    """fp32 q.k / sqrt(K), MASKED where the mask hides the key."""
     scores_BxGxRxCxM = jnp.einsum("BGRCK,BGMK->BGRCM", q_BxGxRxCxK, k_BxGxMxK,
                                   preferred_element_type=jnp.float32)
     scores_BxGxRxCxM = scores_BxGxRxCxM / np.sqrt(q_BxGxRxCxK.shape[-1])
@@ -80,11 +87,12 @@ def _scores(q_BxGxRxCxK: Array, k_BxGxMxK: Array, mask_Bx1xCxM: Array) -> Array:
 
 def _forward(q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Array, segment_ids_BxL: Array,
              causal: bool) -> tuple[Array, tuple]:
-    q_BxGxRxLxK, k_BxGxLxK, v_BxGxLxK = _heads_first(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+    q_BxGxRxLxK = heads_first(q_BxLxHxK, k_BxLxGxK.shape[2])
+    k_BxGxLxK, v_BxGxLxK = kv_first(k_BxLxGxK, v_BxLxGxK)
     outs, logsumexps = [], []
     for start, end, seen in _blocks(q_BxLxHxK.shape[1], causal):
-        scores_BxGxRxCxM = _scores(q_BxGxRxLxK[:, :, :, start:end], k_BxGxLxK[:, :, :seen],
-                                   _block_mask(segment_ids_BxL, start, end, seen, causal))
+        scores_BxGxRxCxM = masked_scores(q_BxGxRxLxK[:, :, :, start:end], k_BxGxLxK[:, :, :seen],
+                                         _block_mask(segment_ids_BxL, start, end, seen, causal))
         max_BxGxRxCx1 = jnp.max(scores_BxGxRxCxM, axis=-1, keepdims=True)
         exp_BxGxRxCxM = jnp.exp(scores_BxGxRxCxM - max_BxGxRxCx1)
         sum_BxGxRxCx1 = jnp.sum(exp_BxGxRxCxM, axis=-1, keepdims=True)
@@ -94,13 +102,15 @@ def _forward(q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Array, segment_ids_B
     out_BxGxRxLxK = jnp.concatenate(outs, axis=3)
     residuals = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, out_BxGxRxLxK,
                  jnp.concatenate(logsumexps, axis=3))
-    return _sequence_first(out_BxGxRxLxK), residuals
+    return sequence_first(out_BxGxRxLxK), residuals
 
 
 def _backward(causal: bool, residuals: tuple, grad_BxLxHxK: Array) -> tuple:
     q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, out_BxGxRxLxK, logsumexp_BxGxRxLx1 = residuals
-    q_BxGxRxLxK, k_BxGxLxK, v_BxGxLxK = _heads_first(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
-    grad_BxGxRxLxK = _heads_first(grad_BxLxHxK, k_BxLxGxK, v_BxLxGxK)[0]
+    kv_heads = k_BxLxGxK.shape[2]
+    q_BxGxRxLxK, grad_BxGxRxLxK = heads_first(q_BxLxHxK, kv_heads), heads_first(grad_BxLxHxK,
+                                                                                 kv_heads)
+    k_BxGxLxK, v_BxGxLxK = kv_first(k_BxLxGxK, v_BxLxGxK)
     # Each query's sum of dO * O: the softmax backward's row term.
     row_BxGxRxLx1 = jnp.sum(grad_BxGxRxLxK.astype(jnp.float32) * out_BxGxRxLxK, axis=-1,
                             keepdims=True)
@@ -111,7 +121,7 @@ def _backward(causal: bool, residuals: tuple, grad_BxLxHxK: Array) -> tuple:
         q_BxGxRxCxK, grad_BxGxRxCxK = (x[:, :, :, start:end] for x in (q_BxGxRxLxK, grad_BxGxRxLxK))
         k_BxGxMxK, v_BxGxMxK = k_BxGxLxK[:, :, :seen], v_BxGxLxK[:, :, :seen]
         mask_Bx1xCxM = _block_mask(segment_ids_BxL, start, end, seen, causal)
-        scores_BxGxRxCxM = _scores(q_BxGxRxCxK, k_BxGxMxK, mask_Bx1xCxM)
+        scores_BxGxRxCxM = masked_scores(q_BxGxRxCxK, k_BxGxMxK, mask_Bx1xCxM)
         probs_BxGxRxCxM = jnp.exp(scores_BxGxRxCxM - logsumexp_BxGxRxLx1[:, :, :, start:end])
         grad_v_BxGxLxK = grad_v_BxGxLxK.at[:, :, :seen].add(jnp.einsum(
             "BGRCM,BGRCK->BGMK", probs_BxGxRxCxM.astype(v_BxLxGxK.dtype), grad_BxGxRxCxK,
@@ -126,9 +136,8 @@ def _backward(causal: bool, residuals: tuple, grad_BxLxHxK: Array) -> tuple:
         grad_k_BxGxLxK = grad_k_BxGxLxK.at[:, :, :seen].add(jnp.einsum(
             "BGRCM,BGRCK->BGMK", grad_scores_BxGxRxCxM, q_BxGxRxCxK,
             preferred_element_type=jnp.float32))
-    grad_q_BxLxHxK = _sequence_first(jnp.concatenate(grad_qs, axis=3))
-    grad_k_BxLxGxK, grad_v_BxLxGxK = (g.transpose(0, 2, 1, 3) for g in (grad_k_BxGxLxK,
-                                                                          grad_v_BxGxLxK))
+    grad_q_BxLxHxK = sequence_first(jnp.concatenate(grad_qs, axis=3))
+    grad_k_BxLxGxK, grad_v_BxLxGxK = kv_first(grad_k_BxGxLxK, grad_v_BxGxLxK)
     return (grad_q_BxLxHxK.astype(q_BxLxHxK.dtype), grad_k_BxLxGxK.astype(k_BxLxGxK.dtype),
             grad_v_BxLxGxK.astype(v_BxLxGxK.dtype), None)
 
