@@ -4,12 +4,10 @@ one-screen reports), kept apart from the training commands in `jaxlm.cli`."""
 from __future__ import annotations
 
 import argparse
-import ctypes
 from pathlib import Path
 
 from jaxlm.errors import UserError
-
-M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+from jaxlm.host_memory import one_arena
 
 
 def add_tool_commands(commands: argparse._SubParsersAction, add_overrides) -> None:
@@ -73,21 +71,10 @@ def _add_plot(commands: argparse._SubParsersAction) -> None:
                       help="where to write the PNG (default: curves.png here)")
 
 
-
-def _one_malloc_arena() -> None:
-    """Conversions hold a model's worth of host buffers that Orbax's and TensorStore's threads
-    allocate and free; glibc gives each thread its own heap arena and returns little of them, so
-    the peak grows with the thread count. One arena keeps GPT-2 124M's import at ~1.4x the
-    checkpoint's size instead of 1.6-1.9x (docs/benchmarks.md). No-op off glibc."""
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "mallopt"):
-        libc.mallopt(M_ARENA_MAX, 1)
-
-
 def _import(args: argparse.Namespace) -> None:
     from jaxlm.hf.importer import import_hf
 
-    _one_malloc_arena()
+    one_arena()
     cfg = import_hf(args.hf, args.out, args.objective)
     print(f"wrote {args.out}: {cfg.objective} model, {cfg.model.n_layers} layers, d_model "
           f"{cfg.model.d_model}, vocab {cfg.model.vocab_size}, tokenizer {cfg.data.tokenizer}")
@@ -96,7 +83,7 @@ def _import(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from jaxlm.hf.exporter import export_run
 
-    _one_malloc_arena()
+    one_arena()
     run_text, _, step_text = args.run.rpartition("@") if "@" in args.run else (args.run, "", "")
     if step_text and not step_text.isdigit():
         raise UserError(f"--run '{args.run}' must look like RUN_DIR or RUN_DIR@STEP")

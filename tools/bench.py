@@ -13,9 +13,8 @@ size^3 matmul of the compute dtype measured in the same process.
 fresh subprocess each (a failing cell records its error and the matrix goes on), then compile-only
 cells for --compile-layers, and writes a markdown table with the machine described. On CPU each
 cell gets --host-devices devices (data parallelism over the cores: ~15 % faster on 2 cores than
-one device); --glibc-tunables also raises glibc's mmap threshold (once worth 2x on small steps,
-when XLA:CPU's per-call scratch buffer was mapped afresh every call; with jax 0.10.2 it changes
-neither page faults nor step time here).
+one device). Each step keeps the C heap as `jaxlm train` does (jaxlm.host_memory); set
+JAXLM_MALLOC=system to time it with glibc's defaults.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ import numpy as np
 from jaxlm.cli import DEFAULT_CONFIG
 from jaxlm.config import load_config, target_length
 from jaxlm.flops import flops_per_token, matmul_params, measured_matmul_flops, table_peak
+from jaxlm.host_memory import OPT_OUT, keep_freed_memory
 from jaxlm.state import Setup, init_state, make_setup, make_train_step
 from jaxlm.tokenizer import load_tokenizer
 from jaxlm.run import resolve
@@ -49,7 +49,6 @@ SIZES = {
     "25m": {"model.d_model": 512, "model.n_layers": 8, "model.n_heads": 8, "model.d_ff": 1408},
     "124m": {"model.d_model": 768, "model.n_layers": 12, "model.n_heads": 12, "model.d_ff": 2048},
 }
-GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 REPO = Path(__file__).resolve().parent.parent
 NOTES = "\n## Notes"
 
@@ -176,8 +175,6 @@ def bench(args: argparse.Namespace) -> dict:
 
 def cell_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
-    if args.glibc_tunables:
-        env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
     if args.host_devices:
         flag = f"--xla_force_host_platform_device_count={args.host_devices}"
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
@@ -281,7 +278,7 @@ def report(
         f"Machine: {_cpu_model()}, {os.cpu_count()} cores; backend {ok.get('backend', '?')} "
         f"({ok.get('device', '?')} x {ok.get('devices', '?')}); jax {jax.__version__}, "
         f"Python {platform.python_version()}.",
-        f"Environment of each cell: GLIBC_TUNABLES {'set' if args.glibc_tunables else 'unset'}, "
+        f"Environment of each cell: C heap {os.environ.get(OPT_OUT, 'kept (jaxlm.host_memory)')}, "
         f"{args.host_devices or 'default'} host devices. Synthetic full-length rows, batch "
         f"{ok.get('batch', '?')}, {args.steps} timed steps after a warm-up step.",
         "",
@@ -363,14 +360,13 @@ def main() -> None:
                         help="data.worker_count values for tools/bench_data.py (none: skip)")
     parser.add_argument("--host-devices", type=int, default=2,
                         help="CPU devices per cell (0: as is)")
-    parser.add_argument("--glibc-tunables", action="store_true",
-                        help="set GLIBC_TUNABLES (raised mmap threshold) in each cell")
     parser.add_argument("--cell-timeout", type=int, default=600)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
     if args.matrix:
         matrix(args)
         return
+    keep_freed_memory()
     print(json.dumps({"config": str(args.config), **bench(args)}), flush=True)
 
 

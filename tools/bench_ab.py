@@ -7,6 +7,7 @@ On a shared host a benchmark run can be 15 % slower than the next identical one;
 and B step by step exposes both to the same load, so their per-round ratio is stable where two
 separate runs are not. A is the config with --set; B is A plus the --b overrides. Prints each
 side's step times and the median A/B ratio with its interquartile range (> 1: B is faster).
+The C heap is kept as `jaxlm train` keeps it (jaxlm.host_memory).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from bench import prepare
 from jaxlm.cli import DEFAULT_CONFIG
+from jaxlm.host_memory import keep_freed_memory
 from jaxlm.state import make_train_step
 
 
@@ -62,6 +64,7 @@ def main() -> None:
                         help="an override that only B has (repeatable)")
     parser.add_argument("--rounds", type=int, default=50)
     args = parser.parse_args()
+    keep_freed_memory()
     runs = {"A": compiled_step(args.config, args.overrides),
             "B": compiled_step(args.config, args.overrides + args.b_overrides)}
     times = alternate(runs, args.rounds)

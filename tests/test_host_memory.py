@@ -1,0 +1,66 @@
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, xla_flags
+from jaxlm import host_memory
+
+# A process that keeps the C heap as the CLI does, then calls a jitted function whose temp buffer
+# (256 MiB, above what glibc serves without mmap) is freed after each call. The heap grows in
+# some of the first calls (small blocks split freed big ones; a call's buffer may be freed after
+# the next call allocated its own), then settles: most later calls fault nothing in.
+REPEATED_CALLS = """
+import json, resource
+from jaxlm.host_memory import keep_freed_memory
+kept = keep_freed_memory()
+import jax, jax.numpy as jnp
+
+@jax.jit
+def temp_heavy(x):
+    y = jax.lax.optimization_barrier(jnp.exp(x))
+    return jnp.sum(y * y[::-1])
+
+x = jnp.ones(2**25, jnp.float32)
+temp = temp_heavy.lower(x).compile().memory_analysis().temp_size_in_bytes
+faults = []
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    temp_heavy(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"kept": kept, "temp_pages": temp // 4096, "faults": faults}))
+"""
+
+
+def test_a_kept_heap_hands_the_freed_temp_buffer_to_the_next_call():
+    done = subprocess.run([sys.executable, "-c", REPEATED_CALLS], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, check=True,
+                          env={"PATH": "", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)})
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["kept"] and result["temp_pages"] * 4096 >= 2**28
+    assert statistics.median(result["faults"][10:]) < result["temp_pages"] / 100
+
+
+@pytest.mark.parametrize("platforms, device_files, on_cpu", [
+    ("cpu", ["/dev/nvidia0"], True),
+    ("cuda", [], False),
+    ("tpu,cpu", [], False),
+    ("", [], True),
+    ("", ["/dev/accel0"], False),
+])
+def test_computes_on_cpu_follows_jax_platforms_then_the_host_devices(
+        monkeypatch, tmp_path, platforms, device_files, on_cpu):
+    for name in device_files:
+        (tmp_path / name.removeprefix("/dev/")).touch()
+    monkeypatch.setattr(host_memory, "ACCELERATOR_DEVICE_FILES",
+                        tuple(f"{tmp_path}/{p.removeprefix('/dev/')}"
+                              for p in host_memory.ACCELERATOR_DEVICE_FILES))
+    assert host_memory.computes_on_cpu(platforms) is on_cpu
+
+
+def test_jaxlm_malloc_system_leaves_glibcs_defaults(monkeypatch):
+    monkeypatch.setenv(host_memory.OPT_OUT, "system")
+    monkeypatch.setattr(host_memory, "_mallopt", lambda *settings: pytest.fail("mallopt called"))
+    assert host_memory.keep_freed_memory() is False
