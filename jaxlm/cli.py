@@ -411,9 +411,9 @@ def run_main() -> None:
     3 s `generate`.
 
     No notebook runs in this process, so IPython (which flax imports for its reprs where it is
-    installed: 0.2 s) is not imported. Commands that run a compiled step over and over keep
-    the C heap's freed blocks for the next step (`host_memory`), set before jax starts its
-    threads."""
+    installed: 0.2 s) is not imported. Commands that run a compiled step over and over can keep
+    the C heap's freed blocks for the next step (JAXLM_MALLOC=keep, `host_memory`), set before
+    jax starts its threads."""
     sys.modules.setdefault("IPython", None)
     if sys.argv[1:2] in (["train"], ["eval"]):
         keep_freed_memory()

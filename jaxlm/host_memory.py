@@ -17,7 +17,7 @@ TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int: freed memory above 2 G
 # Device files of the accelerators jax drives (NVIDIA, TPU through accel or VFIO, AMD ROCm).
 ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*",
                             "/dev/kfd")
-OPT_OUT = "JAXLM_MALLOC"  # =system: leave glibc's defaults
+SWITCH, KEEP = "JAXLM_MALLOC", "keep"  # JAXLM_MALLOC=keep: `keep_freed_memory` applies
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
@@ -46,17 +46,18 @@ def computes_on_cpu(platforms: str | None = None) -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """XLA:CPU allocates each call's temp buffer (1.2 GiB for the 25M train step) with malloc on
-    a worker thread and frees it when the call ends. glibc maps any request over its mmap
-    threshold (32 MiB at most) afresh and unmaps it on free, so every step faulted all of its
-    pages in again (25M: 318k page faults per step, a sixth of the two cores' time in the
-    kernel). One arena that neither maps nor trims big blocks hands the same pages to the next
-    step. Measured (docs/benchmarks.md): tiny_clm's step 74 -> 60 ms, the 25M step 1.9-2.1 ->
-    1.63-1.68 s; the price is resident memory, as blocks freed by one step are partly reused
-    for small ones and the heap grows for a few steps before it settles (25M on two devices:
-    peak RSS 2.7 -> 4.0 GiB; one device: no change). Only where the CPU computes (an
-    accelerator's temp buffers are device memory), unless JAXLM_MALLOC=system. Returns whether
-    the settings were made."""
-    if os.environ.get(OPT_OUT) == "system" or not computes_on_cpu():
+    """With JAXLM_MALLOC=keep, where the CPU computes: one glibc arena that neither maps nor
+    trims big blocks, so a step's freed temp buffer is handed to the next step.
+
+    XLA:CPU allocates each call's temp buffer with malloc on a worker thread and frees it when
+    the call ends; glibc maps a request over its mmap threshold (32 MiB at most) afresh and
+    unmaps it on free, so a step whose temp buffer is bigger faults all of its pages in again
+    every time (the 25M step: 1.2 GiB, 318k page faults, a sixth of two cores' time in the
+    kernel). Opt-in because it is a trade (docs/benchmarks.md, "The C heap"): steps with big
+    temp buffers run ~1.2x faster (tiny_clm at seq 128, the 25M shape), steps with small ones
+    slower (the small shape: its device threads share one arena), and resident memory grows
+    for a few steps as small blocks split freed big ones (25M on two devices: peak RSS 2.7 ->
+    4.0 GiB). Returns whether the settings were made."""
+    if os.environ.get(SWITCH) != KEEP or not computes_on_cpu():
         return False
     return _mallopt((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, xla_flags
 from jaxlm import host_memory
 
-# A process that keeps the C heap as the CLI does, then calls a jitted function whose temp buffer
+# A process that keeps the C heap as the CLI does with JAXLM_MALLOC=keep, then calls a jitted function whose temp buffer
 # (256 MiB, above what glibc serves without mmap) is freed after each call. The heap grows in
 # some of the first calls (small blocks split freed big ones; a call's buffer may be freed after
 # the next call allocated its own), then settles: most later calls fault nothing in.
@@ -37,7 +37,8 @@ print(json.dumps({"kept": kept, "temp_pages": temp // 4096, "faults": faults}))
 def test_a_kept_heap_hands_the_freed_temp_buffer_to_the_next_call():
     done = subprocess.run([sys.executable, "-c", REPEATED_CALLS], capture_output=True, text=True,
                           cwd=REPO, timeout=120, check=True,
-                          env={"PATH": "", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)})
+                          env={"PATH": "", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1),
+                               host_memory.SWITCH: host_memory.KEEP})
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["kept"] and result["temp_pages"] * 4096 >= 2**28
     assert statistics.median(result["faults"][10:]) < result["temp_pages"] / 100
@@ -60,7 +61,11 @@ def test_computes_on_cpu_follows_jax_platforms_then_the_host_devices(
     assert host_memory.computes_on_cpu(platforms) is on_cpu
 
 
-def test_jaxlm_malloc_system_leaves_glibcs_defaults(monkeypatch):
-    monkeypatch.setenv(host_memory.OPT_OUT, "system")
+@pytest.mark.parametrize("switch", [None, "", "system"])
+def test_glibcs_defaults_stay_unless_jaxlm_malloc_is_keep(monkeypatch, switch):
+    if switch is None:
+        monkeypatch.delenv(host_memory.SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(host_memory.SWITCH, switch)
     monkeypatch.setattr(host_memory, "_mallopt", lambda *settings: pytest.fail("mallopt called"))
     assert host_memory.keep_freed_memory() is False

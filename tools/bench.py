@@ -13,8 +13,8 @@ size^3 matmul of the compute dtype measured in the same process.
 fresh subprocess each (a failing cell records its error and the matrix goes on), then compile-only
 cells for --compile-layers, and writes a markdown table with the machine described. On CPU each
 cell gets --host-devices devices (data parallelism over the cores: ~15 % faster on 2 cores than
-one device). Each step keeps the C heap as `jaxlm train` does (jaxlm.host_memory); set
-JAXLM_MALLOC=system to time it with glibc's defaults.
+one device). With JAXLM_MALLOC=keep the cells keep the C heap's freed blocks as `jaxlm train`
+then does (jaxlm.host_memory).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 from jaxlm.cli import DEFAULT_CONFIG
 from jaxlm.config import load_config, target_length
 from jaxlm.flops import flops_per_token, matmul_params, measured_matmul_flops, table_peak
-from jaxlm.host_memory import OPT_OUT, keep_freed_memory
+from jaxlm.host_memory import SWITCH, keep_freed_memory
 from jaxlm.state import Setup, init_state, make_setup, make_train_step
 from jaxlm.tokenizer import load_tokenizer
 from jaxlm.run import resolve
@@ -278,7 +278,7 @@ def report(
         f"Machine: {_cpu_model()}, {os.cpu_count()} cores; backend {ok.get('backend', '?')} "
         f"({ok.get('device', '?')} x {ok.get('devices', '?')}); jax {jax.__version__}, "
         f"Python {platform.python_version()}.",
-        f"Environment of each cell: C heap {os.environ.get(OPT_OUT, 'kept (jaxlm.host_memory)')}, "
+        f"Environment of each cell: JAXLM_MALLOC={os.environ.get(SWITCH, '')}, "
         f"{args.host_devices or 'default'} host devices. Synthetic full-length rows, batch "
         f"{ok.get('batch', '?')}, {args.steps} timed steps after a warm-up step.",
         "",

@@ -7,7 +7,7 @@ On a shared host a benchmark run can be 15 % slower than the next identical one;
 and B step by step exposes both to the same load, so their per-round ratio is stable where two
 separate runs are not. A is the config with --set; B is A plus the --b overrides. Prints each
 side's step times and the median A/B ratio with its interquartile range (> 1: B is faster).
-The C heap is kept as `jaxlm train` keeps it (jaxlm.host_memory).
+JAXLM_MALLOC=keep keeps the C heap's freed blocks as in `jaxlm train` (jaxlm.host_memory).
 """
 
 from __future__ import annotations
