@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                 "predict": _predict, "tokenizer": _tokenizer, **TOOL_COMMANDS}
     try:
         args = build_parser().parse_args(argv)
+        if args.command in ("train", "eval"):  # steps over and over; before jax starts threads
+            keep_freed_memory()
         code = commands[args.command](args)
     except UserError as err:
         print(f"jaxlm: error: {err}", file=sys.stderr)
@@ -411,12 +413,8 @@ def run_main() -> None:
     3 s `generate`.
 
     No notebook runs in this process, so IPython (which flax imports for its reprs where it is
-    installed: 0.2 s) is not imported. Commands that run a compiled step over and over can keep
-    the C heap's freed blocks for the next step (JAXLM_MALLOC=keep, `host_memory`), set before
-    jax starts its threads."""
+    installed: 0.2 s) is not imported."""
     sys.modules.setdefault("IPython", None)
-    if sys.argv[1:2] in (["train"], ["eval"]):
-        keep_freed_memory()
     code = main()
     if code in (1, INTERRUPTED) or (code == 0 and sys.argv[1:2] in (["generate"], ["fill-mask"],
                                                                       ["predict"])):

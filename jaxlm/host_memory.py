@@ -9,8 +9,9 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import sys
 
-import jax
+from jaxlm.errors import UserError
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
 TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int: freed memory above 2 GiB still returns
@@ -21,6 +22,8 @@ SWITCH, KEEP = "JAXLM_MALLOC", "keep"  # JAXLM_MALLOC=keep: `keep_freed_memory` 
 
 
 def _mallopt(*settings: tuple[int, int]) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
     libc = ctypes.CDLL(None)
     if not hasattr(libc, "mallopt"):
         return False
@@ -39,6 +42,8 @@ def computes_on_cpu(platforms: str | None = None) -> bool:
     """Whether jax will compute on the CPU, known before its backends start: the first of
     `platforms` (default: jax_platforms, JAX_PLATFORMS) where set, else whether the host has no
     accelerator."""
+    import jax  # here: the CLI imports this module, and jax only where a command needs it
+
     platforms = jax.config.jax_platforms if platforms is None else platforms
     if platforms:
         return platforms.split(",")[0] == "cpu"
@@ -49,15 +54,16 @@ def keep_freed_memory() -> bool:
     """With JAXLM_MALLOC=keep, where the CPU computes: one glibc arena that neither maps nor
     trims big blocks, so a step's freed temp buffer is handed to the next step.
 
-    XLA:CPU allocates each call's temp buffer with malloc on a worker thread and frees it when
-    the call ends; glibc maps a request over its mmap threshold (32 MiB at most) afresh and
-    unmaps it on free, so a step whose temp buffer is bigger faults all of its pages in again
-    every time (the 25M step: 1.2 GiB, 318k page faults, a sixth of two cores' time in the
-    kernel). Opt-in because it is a trade (docs/benchmarks.md, "The C heap"): steps with big
-    temp buffers run ~1.2x faster (tiny_clm at seq 128, the 25M shape), steps with small ones
-    slower (the small shape: its device threads share one arena), and resident memory grows
-    for a few steps as small blocks split freed big ones (25M on two devices: peak RSS 2.7 ->
-    4.0 GiB). Returns whether the settings were made."""
-    if os.environ.get(SWITCH) != KEEP or not computes_on_cpu():
+    XLA:CPU mallocs each call's temp buffer on a worker thread and frees it when the call ends;
+    glibc maps a request over its mmap threshold (32 MiB at most) afresh and unmaps it on free,
+    so every step faulted a big temp buffer's pages in again (25M: 1.2 GiB per step). Opt-in
+    because it is a trade: faster steps with big temp buffers, slower ones with small buffers
+    (device threads share the arena) and more resident memory (docs/benchmarks.md, "The C
+    heap"). Returns whether glibc took the settings."""
+    switch = os.environ.get(SWITCH, "")
+    if switch not in ("", KEEP):
+        raise UserError(f"{SWITCH}={switch!r} is not a setting: set it to {KEEP!r} (keep the C "
+                        "heap's freed blocks for the next step) or leave it unset")
+    if switch != KEEP or not computes_on_cpu():
         return False
     return _mallopt((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

@@ -278,7 +278,7 @@ def report(
         f"Machine: {_cpu_model()}, {os.cpu_count()} cores; backend {ok.get('backend', '?')} "
         f"({ok.get('device', '?')} x {ok.get('devices', '?')}); jax {jax.__version__}, "
         f"Python {platform.python_version()}.",
-        f"Environment of each cell: JAXLM_MALLOC={os.environ.get(SWITCH, '')}, "
+        f"Environment of each cell: JAXLM_MALLOC {os.environ.get(SWITCH) or 'unset'}, "
         f"{args.host_devices or 'default'} host devices. Synthetic full-length rows, batch "
         f"{ok.get('batch', '?')}, {args.steps} timed steps after a warm-up step.",
         "",
