@@ -107,9 +107,8 @@ def _forward(q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Array, segment_ids_B
 
 def _backward(causal: bool, residuals: tuple, grad_BxLxHxK: Array) -> tuple:
     q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, out_BxGxRxLxK, logsumexp_BxGxRxLx1 = residuals
-    kv_heads = k_BxLxGxK.shape[2]
-    q_BxGxRxLxK, grad_BxGxRxLxK = heads_first(q_BxLxHxK, kv_heads), heads_first(grad_BxLxHxK,
-                                                                                 kv_heads)
+    q_BxGxRxLxK, grad_BxGxRxLxK = (heads_first(x, k_BxLxGxK.shape[2])
+                                   for x in (q_BxLxHxK, grad_BxLxHxK))
     k_BxGxLxK, v_BxGxLxK = kv_first(k_BxLxGxK, v_BxLxGxK)
     # Each query's sum of dO * O: the softmax backward's row term.
     row_BxGxRxLx1 = jnp.sum(grad_BxGxRxLxK.astype(jnp.float32) * out_BxGxRxLxK, axis=-1,
